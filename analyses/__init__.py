@@ -1,0 +1,1 @@
+"""Analyses; importing this package registers them."""

@@ -1,0 +1,372 @@
+"""The six ViT attention kinds, written from scratch.
+
+Every kind maps (batch, n, dim) -> (batch, n, dim), has ``out_proj`` fed by the concatenated
+per-head outputs (the ``attn.z`` hook), honours key masks from `probe.sites` and emits its
+pattern lazily: exact softmax for ``standard`` and ``merged_qkv``, the effective token-by-token
+matrix for the others (formulas in ../shared/REFERENCES.md, cited per class).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe import sites
+from probe.sites import Index, PatternSource, keep_to_additive, select_heads, select_rows
+
+ATTENTION_KINDS = ("standard", "merged_qkv", "linformer", "performer", "nystrom", "hybrid")
+APPROXIMATE_KINDS = frozenset({"linformer", "performer", "nystrom", "hybrid"})
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Hyper-parameters of every kind; each kind reads its own.
+
+    Attributes:
+        dim: model width; heads: number of heads; seq_len: tokens (Linformer needs it fixed).
+        linformer_k: projected sequence length k of Linformer's E, F (k x n).
+        performer_features: random features m of FAVOR+; performer_redraw: redraw every N
+            training forwards (0: never).
+        nystrom_landmarks: segments m; nystrom_iters: Moore-Penrose iterations.
+        hybrid_window: half-width w of the dilated window (in dilated steps);
+        hybrid_dilation: stride r on the patch grid; grid: (rows, cols) of patches.
+    """
+
+    dim: int
+    heads: int
+    seq_len: int
+    dropout: float = 0.0
+    linformer_k: int = 32
+    performer_features: int = 64
+    performer_redraw: int = 0
+    nystrom_landmarks: int = 16
+    nystrom_iters: int = 6
+    hybrid_window: int = 1
+    hybrid_dilation: int = 2
+    grid: tuple[int, int] | None = None
+    prefix_tokens: int = 1
+
+
+class _Attention(nn.Module):
+    """Shared projections and head reshaping."""
+
+    approximate = False
+
+    def __init__(self, cfg: AttentionConfig, merged: bool = False) -> None:
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}")
+        self.cfg = cfg
+        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.scale = self.head_dim**-0.5
+        if merged:
+            self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+            self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+            self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, n, dim) -> q, k, v each (batch, heads, n, head_dim)."""
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.split(q), self.split(k), self.split(v)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, n, head_dim) -> out_proj of (batch, n, dim)."""
+        b, h, n, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class StandardAttention(_Attention):
+    """``softmax(Q K^T / sqrt(d)) V`` through PyTorch's SDPA kernel (exact pattern)."""
+
+    def __init__(self, cfg: AttentionConfig, merged: bool = False) -> None:
+        super().__init__(cfg, merged=merged)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x)
+        keep = sites.key_keep(self, x.shape[0], k.shape[2], x.device)
+        mask = None if keep is None else keep_to_additive(keep, q.dtype)
+        p = self.cfg.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if sites.wants_pattern(self):
+            sites.emit_pattern(self, PatternSource(q, k, self.scale, mask))
+        return self.merge(out)
+
+
+class MergedQKVAttention(StandardAttention):
+    """Standard attention with one ``Linear(dim, 3*dim)`` producing q, k, v (in that order)."""
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__(cfg, merged=True)
+
+
+class LinformerAttention(_Attention):
+    """Linformer (Wang et al. 2020): ``K' = E K``, ``V' = F V`` with learned E, F (k x n) shared by heads.
+
+    ``P = softmax(Q K'^T / sqrt(d))`` (n x k), output ``P V'``; effective matrix ``P F`` (n x n),
+    whose rows need not sum to 1. A masked key j has column j of E and F zeroed, so it contributes
+    nothing and gets zero effective weight.
+    """
+
+    approximate = True
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__(cfg)
+        n, k = cfg.seq_len, cfg.linformer_k
+        self.E = nn.Parameter(torch.randn(k, n) / math.sqrt(k))
+        self.F = nn.Parameter(torch.randn(k, n) / math.sqrt(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if n != self.cfg.seq_len:
+            raise ValueError(
+                f"linformer attention was built for {self.cfg.seq_len} tokens, got {n}: "
+                "resize images to the model's image size (the adapter's preprocess does this)"
+            )
+        q, k, v = self.qkv_heads(x)
+        E, Fm = self.E.unsqueeze(0), self.F.unsqueeze(0)  # (1, k, n)
+        keep = sites.key_keep(self, b, n, x.device)
+        if keep is not None:
+            E, Fm = E * keep[:, None, :].to(E.dtype), Fm * keep[:, None, :].to(Fm.dtype)
+        kp = torch.einsum("bkn,bhnd->bhkd", E.expand(b, -1, -1), k)
+        vp = torch.einsum("bkn,bhnd->bhkd", Fm.expand(b, -1, -1), v)
+        P = torch.softmax(torch.matmul(q, kp.transpose(-1, -2)) * self.scale, dim=-1)
+        out = torch.matmul(F.dropout(P, self.cfg.dropout, self.training), vp)
+        if sites.wants_pattern(self):
+            Fb = Fm.expand(b, -1, -1)
+
+            def effective(heads: Index, rows: Index) -> torch.Tensor:
+                Ps = select_rows(select_heads(P, heads), rows)
+                return torch.einsum("bhqk,bkn->bhqn", Ps, Fb).float()
+
+            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+        return self.merge(out)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(m, d) rows: blocks of orthogonal directions with chi(d)-distributed norms (FAVOR+ ORFs)."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        g = torch.randn(d, d, generator=generator)
+        qmat, _ = torch.linalg.qr(g)
+        blocks.append(qmat.T)
+    w = torch.cat(blocks, dim=0)[:m]
+    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+class PerformerAttention(_Attention):
+    """Performer, FAVOR+ (Choromanski et al. 2021), positive orthogonal random features.
+
+    ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` on ``q / d^{1/4}`` and ``k / d^{1/4}``; output
+    ``D^-1 phi(Q) (phi(K)^T V)`` with ``D = diag(phi(Q) phi(K)^T 1)``. Effective matrix
+    ``D^-1 phi(Q) phi(K)^T``, rows sum to 1. Stabilisers (a per-query-row max and one max over all
+    keys) cancel in ``D^-1``. `redraw_features()` draws new W; in training it is called every
+    ``performer_redraw`` forwards. A masked key has ``phi(k) = 0``.
+    """
+
+    approximate = True
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__(cfg)
+        self.m = cfg.performer_features
+        self.register_buffer("W", orthogonal_gaussian(self.m, self.head_dim))
+        self._calls = 0
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        self.W.copy_(orthogonal_gaussian(self.m, self.head_dim, generator).to(self.W))
+
+    def features(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        """(batch, heads, n, d) -> phi (batch, heads, n, m), stabilised."""
+        x = x * self.head_dim**-0.25
+        wx = torch.matmul(x, self.W.T.to(x.dtype))
+        sq = 0.5 * (x * x).sum(-1, keepdim=True)
+        if is_query:
+            stab = wx.amax(dim=-1, keepdim=True)
+        else:
+            stab = wx.amax(dim=(-1, -2), keepdim=True)
+        return torch.exp(wx - sq - stab.detach()) / math.sqrt(self.m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.cfg.performer_redraw:
+            self._calls += 1
+            if self._calls % self.cfg.performer_redraw == 0:
+                self.redraw_features()
+        b, n, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        pq, pk = self.features(q, True), self.features(k, False)
+        keep = sites.key_keep(self, b, n, x.device)
+        if keep is not None:
+            pk = pk * keep[:, None, :, None].to(pk.dtype)
+        kv = torch.matmul(pk.transpose(-1, -2), v)  # (b, h, m, d)
+        denom = torch.matmul(pq, pk.sum(dim=2, keepdim=True).transpose(-1, -2))  # (b, h, n, 1)
+        out = torch.matmul(pq, kv) / denom.clamp_min(1e-30)
+        if sites.wants_pattern(self):
+
+            def effective(heads: Index, rows: Index) -> torch.Tensor:
+                a = torch.matmul(select_rows(select_heads(pq, heads), rows), select_heads(pk, heads).transpose(-1, -2))
+                return (a / a.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+
+            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+        return self.merge(out)
+
+
+def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of (..., m, m) by the iteration of Nyströmformer (Razavi et al.)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col = a.abs().sum(dim=-2).amax(dim=-1, keepdim=True)
+    row = a.abs().sum(dim=-1).amax(dim=-1, keepdim=True)
+    z = a.transpose(-1, -2) / (col * row).unsqueeze(-1)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+class NystromAttention(_Attention):
+    """Nyströmformer (Xiong et al. 2021): segment-mean landmarks and an iterative pseudo-inverse.
+
+    ``F = softmax(Q K~^T/sqrt d)``, ``A = softmax(Q~ K~^T/sqrt d)``, ``B = softmax(Q~ K^T/sqrt d)``;
+    output ``F A^+ (B V)``. Effective matrix ``F A^+ B``. Segments are as equal as the sequence
+    allows (no padding). A masked key is removed from B's softmax: zero effective weight, no value.
+    """
+
+    approximate = True
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__(cfg)
+        self.m = min(cfg.nystrom_landmarks, cfg.seq_len)
+        self.iters = cfg.nystrom_iters
+
+    def landmarks(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, h, n, d) -> (b, h, m, d) segment means."""
+        return torch.stack([s.mean(dim=2) for s in torch.tensor_split(t, self.m, dim=2)], dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        qt, kt = self.landmarks(q), self.landmarks(k)
+        s = self.scale
+        Fm = torch.softmax(q @ kt.transpose(-1, -2) * s, dim=-1)
+        A = torch.softmax(qt @ kt.transpose(-1, -2) * s, dim=-1)
+        scores_b = qt @ k.transpose(-1, -2) * s
+        keep = sites.key_keep(self, b, n, x.device)
+        if keep is not None:
+            scores_b = scores_b + keep_to_additive(keep, scores_b.dtype)
+        B = torch.softmax(scores_b, dim=-1)
+        Ainv = iterative_pinv(A, self.iters)
+        out = Fm @ (Ainv @ (B @ v))
+        if sites.wants_pattern(self):
+
+            def effective(heads: Index, rows: Index) -> torch.Tensor:
+                left = select_rows(select_heads(Fm, heads), rows) @ select_heads(Ainv, heads)
+                return (left @ select_heads(B, heads)).float()
+
+            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+        return self.merge(out)
+
+
+def dilated_window_mask(grid: tuple[int, int], prefix: int, window: int, dilation: int) -> torch.Tensor:
+    """Bool (n, n) allowed-mask of dilated local attention on a patch grid.
+
+    Patch (r, c) sees patches (r + i*dilation, c + j*dilation) for |i|, |j| <= window. The
+    `prefix` tokens (CLS) see and are seen by every token.
+    """
+    rows, cols = grid
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    dr, dc = r[:, None] - r[None, :], c[:, None] - c[None, :]
+    local = (dr % dilation == 0) & (dc % dilation == 0)
+    local &= (dr.abs() <= window * dilation) & (dc.abs() <= window * dilation)
+    n = prefix + rows * cols
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[prefix:, prefix:] = local
+    return allowed
+
+
+class HybridAttention(_Attention):
+    """Ours: dilated local softmax attention mixed per head with global linear attention.
+
+    Local part: softmax over the dilated window of `dilated_window_mask` (patch (r, c) sees the
+    patches at offsets that are multiples of the dilation r, up to `hybrid_window` steps away;
+    CLS is global). Global part: linear attention with ``phi = elu + 1`` (Katharopoulos et al. 2020),
+    ``D^-1 phi(Q) (phi(K)^T V)``. Output ``g_h * local + (1 - g_h) * global`` with a learned gate
+    ``g_h = sigmoid(a_h)`` per head (initially 0.5). Effective matrix: the same mixture of the two
+    row-stochastic matrices, so rows sum to 1. The local part is computed with a dense (n, n) mask:
+    O(n^2) like standard attention, chosen for clarity at ViT sizes.
+    """
+
+    approximate = True
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__(cfg)
+        if cfg.grid is None:
+            raise ValueError("hybrid attention needs the patch grid (AttentionConfig.grid)")
+        self.gate = nn.Parameter(torch.zeros(cfg.heads))
+        allowed = dilated_window_mask(cfg.grid, cfg.prefix_tokens, cfg.hybrid_window, cfg.hybrid_dilation)
+        self.register_buffer("allowed", allowed, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        if n != self.allowed.shape[0]:
+            raise ValueError(f"hybrid attention was built for {self.allowed.shape[0]} tokens, got {n}")
+        local_mask = torch.zeros(n, n, dtype=q.dtype, device=x.device)
+        local_mask.masked_fill_(~self.allowed, torch.finfo(q.dtype).min)
+        local_mask = local_mask[None, None]
+        keep = sites.key_keep(self, b, n, x.device)
+        pk = F.elu(k) + 1
+        if keep is not None:
+            local_mask = local_mask + keep_to_additive(keep, q.dtype)
+            pk = pk * keep[:, None, :, None].to(pk.dtype)
+        local_mask = local_mask.clamp_min(torch.finfo(q.dtype).min)
+        local = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask)
+        pq = F.elu(q) + 1
+        denom = pq @ pk.sum(dim=2, keepdim=True).transpose(-1, -2)
+        glob = (pq @ (pk.transpose(-1, -2) @ v)) / denom.clamp_min(1e-30)
+        g = torch.sigmoid(self.gate).view(1, -1, 1, 1).to(q.dtype)
+        out = g * local + (1 - g) * glob
+        if sites.wants_pattern(self):
+
+            def effective(heads: Index, rows: Index) -> torch.Tensor:
+                qs = select_rows(select_heads(q, heads), rows)
+                ks = select_heads(k, heads)
+                m = local_mask if rows is None else local_mask[:, :, sites._as_index(rows)]
+                pl = torch.softmax(qs @ ks.transpose(-1, -2) * self.scale + m, dim=-1)
+                a = select_rows(select_heads(pq, heads), rows) @ select_heads(pk, heads).transpose(-1, -2)
+                pg = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
+                gs = select_heads(g.expand(1, self.heads, 1, 1), heads)
+                return (gs * pl + (1 - gs) * pg).float()
+
+            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+        return self.merge(out)
+
+
+def make_attention(kind: str, cfg: AttentionConfig) -> _Attention:
+    """Build an attention module of `kind` (one of `ATTENTION_KINDS`)."""
+    classes = {
+        "standard": StandardAttention,
+        "merged_qkv": MergedQKVAttention,
+        "linformer": LinformerAttention,
+        "performer": PerformerAttention,
+        "nystrom": NystromAttention,
+        "hybrid": HybridAttention,
+    }
+    if kind not in classes:
+        raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(ATTENTION_KINDS)}")
+    return classes[kind](cfg)

@@ -1,0 +1,67 @@
+"""`ActivationCache`: captured tensors keyed by canonical hook name, with input metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from probe.adapter import InputMeta
+from probe.hooks import HookSpec
+
+
+class ActivationCache:
+    """Tensors captured by `probe.capture.capture`, keyed by canonical hook name.
+
+    A hook that fired once maps to one tensor. A hook that fired several times (generation steps,
+    several forwards inside one context) keeps every call in order: `cache.calls(name)`.
+
+    Attributes:
+        meta: input metadata of the batch (token spans, patch grid), set by whoever ran the model.
+        specs: the `HookSpec` of every captured name.
+        selection: how patterns were reduced: ``{"heads": ..., "rows": ..., "reduce_heads": ...}``.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, list[torch.Tensor]] = {}
+        self.specs: dict[str, HookSpec] = {}
+        self.meta: InputMeta | None = None
+        self.selection: dict[str, object] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self._data.setdefault(name, []).append(value)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._data:
+            known = ", ".join(list(self._data)[:8]) or "nothing"
+            raise KeyError(f"{name!r} was not captured; the cache holds {known}")
+        calls = self._data[name]
+        if len(calls) > 1:
+            raise ValueError(f"{name!r} was captured {len(calls)} times; use cache.calls({name!r})")
+        return calls[0]
+
+    def calls(self, name: str) -> list[torch.Tensor]:
+        """Every captured value of `name`, in call order."""
+        return list(self._data.get(name, []))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def names(self) -> list[str]:
+        return list(self._data)
+
+    def to_arrays(self) -> dict[str, torch.Tensor]:
+        """Flat mapping for storage: ``name`` for single calls, ``name@k`` for call k of many."""
+        out: dict[str, torch.Tensor] = {}
+        for name, calls in self._data.items():
+            if len(calls) == 1:
+                out[name] = calls[0]
+            else:
+                out.update({f"{name}@{k}": t for k, t in enumerate(calls)})
+        return out

@@ -1,0 +1,281 @@
+"""Capture and intervention: hooks installed inside a context manager, removed in ``finally``.
+
+This module knows nothing about model families: it reads an adapter's `HookSpec` list and
+installs torch forward hooks (``output``/``input`` hooks) or attention-site listeners
+(``pattern`` hooks, see `probe.sites`). Interventions use the same specs and the same
+guarantees: nothing outlives the ``with`` block, also when the block raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from probe import sites
+from probe.cache import ActivationCache
+from probe.hooks import HookSpec, select
+from probe.sites import Index, PatternSource
+
+HeadReduction = Literal["mean", "max", "min"]
+
+
+class HasHooks(Protocol):
+    model: nn.Module
+
+    def hook_specs(self) -> list[HookSpec]: ...
+
+    def module(self, path: str) -> nn.Module: ...
+
+
+def _first_tensor(value: Any, index: int | None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list):
+        return value[index or 0]
+    if hasattr(value, "last_hidden_state"):
+        return value.last_hidden_state
+    raise TypeError(f"cannot find a tensor in a {type(value).__name__}")
+
+
+def reduce_heads(pattern: torch.Tensor, how: HeadReduction | None) -> torch.Tensor:
+    """Fuse the head dimension (dim 1) of a (batch, heads, q, k) pattern, keeping the dim."""
+    if how is None:
+        return pattern
+    if how == "mean":
+        return pattern.mean(dim=1, keepdim=True)
+    if how == "max":
+        return pattern.amax(dim=1, keepdim=True)
+    if how == "min":
+        return pattern.amin(dim=1, keepdim=True)
+    raise ValueError(f"unknown head reduction {how!r}; use mean, max or min")
+
+
+@contextmanager
+def capture(
+    adapter: HasHooks,
+    hooks: str | Sequence[str] = "*",
+    *,
+    heads: Index = None,
+    rows: Index = None,
+    reduce: HeadReduction | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device | None = "cpu",
+    cache: ActivationCache | None = None,
+) -> Iterator[ActivationCache]:
+    """Record the hooks whose canonical names match `hooks` (globs) while the block runs.
+
+    Args:
+        adapter: anything with ``model``, ``hook_specs()`` and ``module(path)``.
+        hooks: glob pattern(s) over canonical names, e.g. ``"vision.blocks.*.attn.pattern"``.
+        heads: for patterns, heads to compute (None: all). Only these are ever computed.
+        rows: for patterns, query rows to compute (None: all), e.g. ``[0]`` for the CLS row.
+        reduce: fuse the heads of patterns on the fly (``mean``/``max``/``min``) before storing.
+        dtype: dtype of stored tensors (None: as computed).
+        device: device of stored tensors (None: where computed). Reductions run before the copy,
+            on the model's device.
+        cache: an existing cache to append to.
+
+    Yields:
+        The `ActivationCache`, filled as the model runs.
+    """
+    specs = select(adapter.hook_specs(), hooks)
+    cache = cache if cache is not None else ActivationCache()
+    cache.selection = {"heads": _jsonable(heads), "rows": _jsonable(rows), "reduce_heads": reduce}
+
+    def store(name: str, value: torch.Tensor) -> None:
+        cache.add(name, value.detach().to(device=device, dtype=dtype))
+
+    handles: list[Any] = []
+    try:
+        for spec in specs:
+            module = adapter.module(spec.module)
+            cache.specs[spec.name] = spec
+            if spec.kind == "pattern":
+
+                def on_pattern(src: PatternSource, name: str = spec.name) -> None:
+                    with torch.no_grad():
+                        store(name, reduce_heads(src.compute(heads, rows), reduce))
+
+                handles.append(sites.add_pattern_listener(module, on_pattern))
+            elif spec.kind == "output":
+
+                def on_output(_m: nn.Module, _a: Any, out: Any, spec: HookSpec = spec) -> None:
+                    store(spec.name, _first_tensor(out, spec.output_index))
+
+                handles.append(module.register_forward_hook(on_output))
+            elif spec.kind == "input":
+
+                def on_input(_m: nn.Module, args: tuple, spec: HookSpec = spec) -> None:
+                    store(spec.name, _first_tensor(args, 0))
+
+                handles.append(module.register_forward_pre_hook(on_input))
+            else:
+                raise ValueError(f"hook {spec.name}: unknown kind {spec.kind!r}")
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _jsonable(idx: Index) -> Any:
+    if idx is None or isinstance(idx, int):
+        return idx
+    if isinstance(idx, slice):
+        return [idx.start, idx.stop, idx.step]
+    if isinstance(idx, torch.Tensor):
+        return idx.tolist()
+    return list(idx)
+
+
+# ----------------------------------------------------------------------------- interventions
+
+
+@dataclass(frozen=True)
+class ZeroHeads:
+    """Zero the outputs of some heads before the output projection.
+
+    `hook` names per-head hooks (``*.attn.z``, whose spec has ``n_heads``). `heads` is a list of
+    head indices (all batch elements), or a bool tensor (batch, n_heads), True meaning zeroed, so
+    that each batch element can ablate different heads in one batched forward.
+    """
+
+    hook: str
+    heads: Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Replace an activation by a tensor, or by ``fn(activation)``. Shapes must match."""
+
+    hook: str
+    value: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskTokens:
+    """Remove tokens as keys of the attention sites matching `attention` (pattern hook names).
+
+    `tokens` is a list of token positions (all batch elements), or a bool tensor (batch, n_keys),
+    True meaning removed. A removed token receives exactly zero attention (zero effective weight
+    for approximate kinds) and contributes nothing to the outputs of those layers.
+    """
+
+    tokens: Sequence[int] | torch.Tensor
+    attention: str = "*.attn.pattern"
+
+
+Intervention = ZeroHeads | Replace | MaskTokens
+
+
+def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
+    if isinstance(heads, torch.Tensor):
+        if heads.shape != (batch, n_heads):
+            raise ValueError(f"ZeroHeads mask must be (batch={batch}, heads={n_heads}); got {tuple(heads.shape)}")
+        zero = heads.to(device=ref.device, dtype=torch.bool)
+    else:
+        bad = [h for h in heads if not 0 <= h < n_heads]
+        if bad:
+            raise ValueError(f"heads {bad} out of range: this layer has {n_heads} heads")
+        zero = torch.zeros(batch, n_heads, dtype=torch.bool, device=ref.device)
+        zero[:, list(heads)] = True
+    return (~zero).to(ref.dtype)
+
+
+def _zero_heads(x: torch.Tensor, heads: Sequence[int] | torch.Tensor, n_heads: int) -> torch.Tensor:
+    b = x.shape[0]
+    keep = _head_keep(heads, b, n_heads, x)
+    shape = x.shape
+    xh = x.reshape(*shape[:-1], n_heads, shape[-1] // n_heads)
+    keep = keep.view(b, *([1] * (xh.dim() - 3)), n_heads, 1)
+    return (xh * keep).reshape(shape)
+
+
+def _token_keep_fn(tokens: Sequence[int] | torch.Tensor) -> sites.KeyMaskFn:
+    def fn(batch: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        if isinstance(tokens, torch.Tensor):
+            removed = tokens.to(device=device, dtype=torch.bool)
+            if removed.dim() == 1:
+                removed = removed.unsqueeze(0).expand(batch, -1)
+            if removed.shape != (batch, n_keys):
+                raise ValueError(
+                    f"MaskTokens mask must be (batch={batch}, keys={n_keys}); got {tuple(removed.shape)}"
+                )
+            return ~removed
+        keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+        bad = [t for t in tokens if not -n_keys <= t < n_keys]
+        if bad:
+            raise ValueError(f"token positions {bad} out of range: this attention has {n_keys} keys")
+        keep[:, list(tokens)] = False
+        return keep
+
+    return fn
+
+
+@contextmanager
+def intervene(adapter: HasHooks, interventions: Sequence[Intervention]) -> Iterator[None]:
+    """Apply interventions while the block runs; every hook is removed in ``finally``.
+
+    Example::
+
+        with intervene(adapter, [ZeroHeads("vision.blocks.2.attn.z", [0, 3])]):
+            logits = adapter.forward(batch)
+    """
+    all_specs = adapter.hook_specs()
+    handles: list[Any] = []
+    try:
+        for iv in interventions:
+            if isinstance(iv, MaskTokens):
+                targets = [s for s in select(all_specs, iv.attention) if s.kind == "pattern"]
+                if not targets:
+                    raise ValueError(f"MaskTokens: {iv.attention!r} names no attention pattern hook")
+                fn = _token_keep_fn(iv.tokens)
+                handles.extend(sites.add_key_mask(adapter.module(s.module), fn) for s in targets)
+                continue
+            for spec in select(all_specs, iv.hook):
+                handles.append(_install_value_hook(adapter.module(spec.module), spec, iv))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _install_value_hook(module: nn.Module, spec: HookSpec, iv: ZeroHeads | Replace) -> Any:
+    if spec.kind == "pattern":
+        raise ValueError(
+            f"{spec.name} is an attention pattern, which is derived, not replaced; "
+            "use MaskTokens to change what a layer attends to, or ZeroHeads on its .attn.z hook"
+        )
+    if isinstance(iv, ZeroHeads):
+        if spec.n_heads is None:
+            raise ValueError(f"ZeroHeads needs a per-head hook (*.attn.z); {spec.name} is not one")
+        n_heads = spec.n_heads
+
+        def change(x: torch.Tensor) -> torch.Tensor:
+            return _zero_heads(x, iv.heads, n_heads)
+    else:
+
+        def change(x: torch.Tensor) -> torch.Tensor:
+            new = iv.value(x) if callable(iv.value) else iv.value
+            if new.shape != x.shape:
+                raise ValueError(f"Replace {spec.name}: shape {tuple(new.shape)} != {tuple(x.shape)}")
+            return new.to(dtype=x.dtype, device=x.device)
+
+    if spec.kind == "input":
+
+        def pre(_m: nn.Module, args: tuple) -> tuple:
+            return (change(args[0]), *args[1:])
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(_m: nn.Module, _a: Any, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            return change(out)
+        idx = spec.output_index or 0
+        return (*out[:idx], change(out[idx]), *out[idx + 1 :])
+
+    return module.register_forward_hook(post)

@@ -1,0 +1,219 @@
+"""Images in, tensors out: image files and folders, CIFAR-10 batches, labelled image folders.
+
+Nothing here downloads. Every image is converted to RGB whatever its PIL mode.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be read; the message names the file and what to do."""
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open one image file as RGB (palette, grey, RGBA, 16-bit ... are converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(
+            f"image {path}: cannot be read as an image ({type(e).__name__}: {e}); "
+            f"use a valid {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file"
+        ) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited on white."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (their image files, sorted) into a list of paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageLoadError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ImageLoadError(f"image {p}: no such file or folder")
+    return out
+
+
+def load_images(inputs: Sequence[str | Path]) -> tuple[list[Image.Image], list[str]]:
+    """Images (RGB) and their names from files and folders."""
+    paths = image_paths(inputs)
+    return [open_rgb(p) for p in paths], [p.name for p in paths]
+
+
+def images_to_tensor(
+    images: Sequence[Image.Image],
+    size: int | tuple[int, int],
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
+    """RGB images -> normalised float tensor (batch, 3, H, W), resized with bicubic resampling."""
+    if not images:
+        raise ValueError("no images given")
+    h, w = (size, size) if isinstance(size, int) else size
+    arrs = []
+    for im in images:
+        im = to_rgb(im) if im.mode != "RGB" else im
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+        arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def images_to_uint8(images: Sequence[Image.Image], size: int | tuple[int, int]) -> torch.Tensor:
+    """RGB images resized to `size` as uint8 (batch, H, W, 3), for overlays in figures."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.from_numpy(
+        np.stack([np.asarray(to_rgb(im).resize((w, h), Image.Resampling.BICUBIC)) for im in images])
+    )
+
+
+# ------------------------------------------------------------------------- labelled data sets
+
+
+@dataclass
+class ImageDataset:
+    """In-memory labelled images: uint8 (n, H, W, 3) and int64 labels (n,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order = torch.randperm(len(self), generator=generator).numpy() if shuffle else np.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            idx = order[i : i + batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Accepts only what the CIFAR-10 python format contains: builtins and plain numpy arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("copy_reg", "_reconstructor"),
+        ("copyreg", "_reconstructor"),
+        ("__builtin__", "object"),
+        ("builtins", "object"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"CIFAR-10 file refers to {module}.{name}, which is not allowed")
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(d).__name__}, not a dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def load_cifar10(folder: str | Path, split: str = "train") -> ImageDataset:
+    """CIFAR-10 from a local ``cifar-10-batches-py`` folder (never downloads).
+
+    ``train`` reads ``data_batch_*``, ``test`` reads ``test_batch``. Files are read with a
+    restricted unpickler (builtins and numpy uint8 arrays only).
+    """
+    folder = Path(folder)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    names = sorted(folder.glob("data_batch_*")) if split == "train" else [folder / "test_batch"]
+    names = [p for p in names if p.is_file()]
+    if not names:
+        raise FileNotFoundError(
+            f"{folder}: no CIFAR-10 {split} batches (data_batch_1..5, test_batch); download "
+            "cifar-10-python.tar.gz yourself and unpack it there"
+        )
+    xs, ys = [], []
+    for p in names:
+        d = _read_cifar_batch(p)
+        data = np.asarray(d["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{p}: 'data' must be uint8 (n, 3072), got {data.dtype} {data.shape}")
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(d["labels"], dtype=np.int64))
+    classes = [str(i) for i in range(10)]
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        m = _read_cifar_batch(meta)
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in m.get("label_names", classes)]
+    return ImageDataset(np.concatenate(xs), np.concatenate(ys), classes)
+
+
+def load_image_folder(folder: str | Path, size: int) -> ImageDataset:
+    """A folder with one subfolder of images per class (sorted class names), resized to `size`."""
+    folder = Path(folder)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{folder}: expected one subfolder of images per class")
+    xs, ys = [], []
+    for ci, c in enumerate(classes):
+        for p in image_paths([folder / c]):
+            xs.append(np.asarray(open_rgb(p).resize((size, size), Image.Resampling.BICUBIC)))
+            ys.append(ci)
+    return ImageDataset(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
+
+
+def load_labelled(folder: str | Path, split: str, size: int) -> ImageDataset:
+    """CIFAR-10 batches if the folder has them, else a class-per-subfolder layout (``split/``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    if any(folder.glob("data_batch_*")) or (folder / "cifar-10-batches-py").is_dir() or (folder / "test_batch").is_file():
+        return load_cifar10(folder, split)
+    sub = folder / split
+    return load_image_folder(sub if sub.is_dir() else folder, size)

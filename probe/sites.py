@@ -1,0 +1,186 @@
+"""Attention sites: the one place where attention modules meet the capture engine.
+
+An attention module (ours, or a transformers module dispatched through our attention function) asks
+this registry two questions on every call, both O(1) when nothing is attached:
+
+- `key_keep(module, ...)`: does an intervention mask some keys? Returns a bool (batch, keys) tensor.
+- `wants_pattern(module)`: is anything listening for this module's pattern? If so the module calls
+  `emit_pattern(module, source)` with a lazy `PatternSource`, and each listener computes only the
+  heads and query rows it needs. The output of the attention itself never changes: it is still
+  computed by the module's own (fast) kernel.
+
+Listeners are attached and removed by `probe.capture`, always inside a context manager; the
+registry holds modules weakly, so nothing here keeps a model alive or outlives it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+Index = int | slice | Sequence[int] | torch.Tensor | None
+
+
+class PatternSource:
+    """Everything needed to compute a layer's attention pattern, lazily.
+
+    The default computation is exact softmax attention, ``softmax(Q K^T * scale + mask)``,
+    softmax in float32 as transformers' eager attention does. Approximate attention kinds pass
+    their own `compute` for the effective token-by-token matrix.
+
+    Args:
+        query: (batch, heads, n_query, head_dim).
+        key: (batch, heads, n_key, head_dim).
+        scale: multiplier of ``Q K^T``.
+        mask: additive mask broadcastable to (batch, heads, n_query, n_key), or None.
+        compute: ``compute(heads, rows) -> (batch, len(heads), len(rows), n_key)`` replacing
+            the exact softmax, for approximate kinds.
+        approximate: True when the pattern is an effective matrix, not a softmax.
+    """
+
+    def __init__(
+        self,
+        query: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        compute: Callable[[Index, Index], torch.Tensor] | None = None,
+        approximate: bool = False,
+        n_heads: int | None = None,
+    ) -> None:
+        if compute is None and (query is None or key is None):
+            raise ValueError("PatternSource needs query and key, or a compute function")
+        self.query, self.key, self.mask = query, key, mask
+        self.scale = scale if scale is not None else (query.shape[-1] ** -0.5 if query is not None else 1.0)
+        self._compute = compute
+        self.approximate = approximate
+        self.n_heads = n_heads if n_heads is not None else (query.shape[1] if query is not None else None)
+
+    def compute(self, heads: Index = None, rows: Index = None) -> torch.Tensor:
+        """Pattern for the selected heads and query rows: (batch, heads', rows', n_key)."""
+        if self._compute is not None:
+            return self._compute(heads, rows)
+        q = select_rows(select_heads(self.query, heads), rows)
+        k = select_heads(self.key, heads)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.mask is not None:
+            scores = scores + select_mask(self.mask, heads, rows)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+def _as_index(idx: Index) -> slice | torch.Tensor | list[int]:
+    if idx is None:
+        return slice(None)
+    if isinstance(idx, int):
+        return [idx]
+    if isinstance(idx, slice | torch.Tensor):
+        return idx
+    return list(idx)
+
+
+def select_heads(x: torch.Tensor, heads: Index) -> torch.Tensor:
+    """Select heads on dim 1 of a (batch, heads, ...) tensor; keeps the dimension."""
+    return x if heads is None else x[:, _as_index(heads)]
+
+
+def select_rows(x: torch.Tensor, rows: Index) -> torch.Tensor:
+    """Select query rows on dim 2 of a (batch, heads, rows, ...) tensor; keeps the dimension."""
+    return x if rows is None else x[:, :, _as_index(rows)]
+
+
+def select_mask(mask: torch.Tensor, heads: Index, rows: Index) -> torch.Tensor:
+    """Apply head and row selection to a broadcastable (b|1, h|1, q|1, k) mask."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if heads is not None and mask.shape[1] != 1:
+        mask = mask[:, _as_index(heads)]
+    if rows is not None and mask.shape[2] != 1:
+        mask = mask[:, :, _as_index(rows)]
+    return mask
+
+
+PatternListener = Callable[[PatternSource], None]
+KeyMaskFn = Callable[[int, int, torch.device], torch.Tensor]
+
+_pattern_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, PatternListener]] = (
+    weakref.WeakKeyDictionary()
+)
+_key_masks: weakref.WeakKeyDictionary[nn.Module, dict[int, KeyMaskFn]] = weakref.WeakKeyDictionary()
+_next_id = 0
+
+
+class SiteHandle:
+    """Removes one listener or key mask; removing twice is harmless."""
+
+    def __init__(self, table: weakref.WeakKeyDictionary, module: nn.Module, hid: int) -> None:
+        self._table, self._module, self._id = table, weakref.ref(module), hid
+
+    def remove(self) -> None:
+        module = self._module()
+        if module is None:
+            return
+        entries = self._table.get(module)
+        if entries is not None:
+            entries.pop(self._id, None)
+            if not entries:
+                del self._table[module]
+
+
+def _add(table: weakref.WeakKeyDictionary, module: nn.Module, fn: Callable) -> SiteHandle:
+    global _next_id
+    _next_id += 1
+    table.setdefault(module, {})[_next_id] = fn
+    return SiteHandle(table, module, _next_id)
+
+
+def add_pattern_listener(module: nn.Module, fn: PatternListener) -> SiteHandle:
+    """Call `fn(source)` whenever `module` computes attention. Returns a handle to remove it."""
+    return _add(_pattern_listeners, module, fn)
+
+
+def add_key_mask(module: nn.Module, fn: KeyMaskFn) -> SiteHandle:
+    """Make `module` ignore keys: `fn(batch, n_keys, device)` returns a bool keep-mask (batch, n_keys)."""
+    return _add(_key_masks, module, fn)
+
+
+def wants_pattern(module: nn.Module) -> bool:
+    return module in _pattern_listeners
+
+
+def emit_pattern(module: nn.Module, source: PatternSource) -> None:
+    for fn in list(_pattern_listeners.get(module, {}).values()):
+        fn(source)
+
+
+def key_keep(module: nn.Module, batch: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
+    """AND of every key mask attached to `module`: bool (batch, n_keys), or None when none is."""
+    fns = _key_masks.get(module)
+    if not fns:
+        return None
+    keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+    for fn in list(fns.values()):
+        m = fn(batch, n_keys, device).to(device=device, dtype=torch.bool)
+        if m.shape[-1] != n_keys:
+            raise ValueError(f"key mask has {m.shape[-1]} keys; this attention has {n_keys}")
+        keep = keep & m.expand(batch, n_keys)
+    return keep
+
+
+def keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool keep-mask (batch, keys) -> additive mask (batch, 1, 1, keys): 0 kept, dtype min masked.
+
+    The finite minimum (not -inf) gives masked keys exactly zero weight after softmax while a row
+    whose keys are all masked stays finite.
+    """
+    add = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    add.masked_fill_(~keep, torch.finfo(dtype).min)
+    return add[:, None, None, :]
+
+
+def active_site_count() -> int:
+    """Number of modules with anything attached (0 outside every capture/intervene context)."""
+    return len(_pattern_listeners) + len(_key_masks)

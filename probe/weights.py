@@ -1,0 +1,100 @@
+"""Resolving ``--weights`` for Hugging Face models: auto, pretrained, random, a hub id or a folder.
+
+Nothing hangs without a network: ``auto`` looks in the local cache first, and
+``HF_HUB_OFFLINE=1`` is honoured (no request is made at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from probe.adapter import WeightsInfo, files_sha256, state_dict_sha256
+
+log = logging.getLogger(__name__)
+
+
+class WeightsNotFound(FileNotFoundError):
+    """No weights could be had; the message says what was tried and how to get them."""
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection within `timeout` seconds.
+
+    huggingface_hub retries an unreachable host for about 25 s; this check fails in seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def load_hf(
+    load: Callable[[str, bool], Any],
+    build_random: Callable[[], Any],
+    weights: str,
+    *,
+    hub_id: str,
+    model_name: str,
+) -> tuple[Any, WeightsInfo, str]:
+    """Resolve `weights` and load a model.
+
+    Args:
+        load: ``load(ref, local_files_only) -> model`` (a ``from_pretrained`` call).
+        build_random: builds the architecture with random weights.
+        weights: ``auto`` | ``pretrained`` | ``random`` | a hub id | a local folder.
+        hub_id: the published checkpoint of this family.
+
+    Returns:
+        (model, weights info, the reference its processor should be loaded from or "").
+    """
+    if weights == "random":
+        model = build_random()
+        return model, WeightsInfo("random", "random init", state_dict_sha256(model)), ""
+    path = Path(weights).expanduser()
+    if path.is_dir() or weights.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise WeightsNotFound(f"{model_name}: local weights folder {path} does not exist")
+        model = load(str(path), True)
+        return model, WeightsInfo("local", str(path.resolve()), files_sha256(_weight_files(path))), str(path)
+    ref = hub_id if weights in ("auto", "pretrained") else weights
+    tried = []
+    for local_only in (True, False):
+        if not local_only and offline():
+            tried.append("the hub (skipped: HF_HUB_OFFLINE=1)")
+            break
+        if not local_only and not hub_reachable():
+            tried.append("the hub (unreachable: no network)")
+            break
+        try:
+            model = load(ref, local_only)
+        except (OSError, ValueError) as e:
+            tried.append(f"{'local cache' if local_only else 'the hub'} ({type(e).__name__})")
+            continue
+        return model, WeightsInfo("hub", ref, state_dict_sha256(model)), ref
+    if weights == "auto":
+        log.warning("%s: %s not found (%s); using random weights", model_name, ref, "; ".join(tried))
+        model = build_random()
+        note = f"{ref} unavailable: tried {'; '.join(tried)}"
+        return model, WeightsInfo("random", "random init (auto fallback)", state_dict_sha256(model), note), ""
+    raise WeightsNotFound(
+        f"{model_name}: weights {ref!r} not found; tried {'; '.join(tried)}. Download them where a "
+        f"network is available (huggingface-cli download {ref}), pass a local folder written by "
+        "save_pretrained, or use --weights random"
+    )

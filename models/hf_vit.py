@@ -47,7 +47,13 @@ class HFViTAdapter(ModelAdapter):
         dtype: torch.dtype = torch.float32,
         config: dict[str, Any] | None = None,
     ) -> HFViTAdapter:
-        from transformers import AutoConfig, ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+        from transformers import (
+            AutoConfig,
+            ViTConfig,
+            ViTForImageClassification,
+            ViTImageProcessorPil,
+            ViTModel,
+        )
 
         name = hf_attention.register()
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
 from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, files_sha256, state_dict_sha256
 from probe.data import images_to_tensor
 from probe.hooks import VISION_PATTERN, VISION_RESID_POST, VISION_Z, HookSpec

@@ -1,0 +1,119 @@
+"""Frozen result dataclasses: JSON-able fields plus named tensors stored beside them.
+
+Every result has a `kind` and a `schema_version`; `to_dict()` gives its JSON part, `arrays` its
+tensors (saved to ``arrays.safetensors`` by the store), and `result_from_dict` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from probe.adapter import InputMeta
+from probe.hooks import VISION_PATTERN
+
+_TYPES: dict[str, type[Result]] = {}
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base of every result. Subclasses set `kind` and `schema_version` and add fields."""
+
+    kind: ClassVar[str] = "result"
+    schema_version: ClassVar[int] = 1
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.kind in _TYPES and _TYPES[cls.kind] is not cls:
+            raise ValueError(f"result kind {cls.kind!r} is defined twice")
+        _TYPES[cls.kind] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arrays"}
+        return {"kind": self.kind, "schema_version": self.schema_version, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], arrays: dict[str, torch.Tensor]) -> Result:
+        version = d.get("schema_version")
+        if version != cls.schema_version:
+            raise ValueError(
+                f"{cls.kind} result has schema version {version}; this probe reads {cls.schema_version}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"arrays"}
+        return cls(arrays=arrays, **{k: v for k, v in d.items() if k in names})
+
+
+def result_from_dict(d: dict[str, Any], arrays: dict[str, torch.Tensor]) -> Result:
+    kind = d.get("kind")
+    if kind not in _TYPES:
+        raise ValueError(f"unknown result kind {kind!r}; known: {', '.join(sorted(_TYPES))}")
+    return _TYPES[kind].from_dict(d, arrays)
+
+
+@dataclass(frozen=True)
+class AttentionResult(Result):
+    """Attention patterns of a vision encoder over a batch of images.
+
+    Fields:
+        model: registered model name.
+        image_names: one name per image (batch,).
+        meta: `InputMeta.to_dict()` of the inputs (token spans, patch grid).
+        layers: block indices captured.
+        reduce_heads: how heads were fused when captured (``mean``/``max``/``min``) or None.
+        rows: query rows kept (None: all rows).
+        approximate: True when patterns are effective matrices of an approximate attention.
+        predictions: top predicted label per image, when the model classifies.
+    Arrays:
+        ``vision.blocks.{i}.attn.pattern``: (batch, heads or 1, rows, tokens) float32.
+        ``input.image``: (batch, H, W, 3) uint8, the images as the model saw them.
+    """
+
+    kind: ClassVar[str] = "attention"
+    schema_version: ClassVar[int] = 1
+    model: str = ""
+    image_names: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    reduce_heads: str | None = None
+    rows: list[int] | None = None
+    approximate: bool = False
+    predictions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        b = len(self.image_names)
+        for i in self.layers:
+            p = self.arrays.get(VISION_PATTERN.format(i=i))
+            if p is None:
+                raise ValueError(f"attention result lacks the pattern of layer {i}")
+            if p.dim() != 4 or p.shape[0] != b:
+                raise ValueError(f"layer {i} pattern must be (batch={b}, heads, rows, tokens); got {tuple(p.shape)}")
+        img = self.arrays.get("input.image")
+        if img is not None and (img.dim() != 4 or img.shape[0] != b or img.shape[-1] != 3):
+            raise ValueError(f"input.image must be (batch={b}, H, W, 3); got {tuple(img.shape)}")
+
+    def input_meta(self) -> InputMeta:
+        return InputMeta.from_dict(self.meta)
+
+    def pattern(self, layer: int) -> torch.Tensor:
+        return self.arrays[VISION_PATTERN.format(i=layer)]
+
+    def query_map(self, layer: int, query: str | int = "cls") -> torch.Tensor:
+        """Head-mean attention of one query over the image span, on the patch grid: (batch, rows, cols).
+
+        `query` is a span name (its first token) or a token position.
+        """
+        meta = self.input_meta()
+        if meta.grid is None or "image" not in meta.spans:
+            raise ValueError("this result has no image span on a patch grid")
+        q = meta.spans[query][0] if isinstance(query, str) else query
+        if self.rows is not None:
+            if q not in self.rows:
+                raise ValueError(f"query row {q} was not captured (rows kept: {self.rows})")
+            q = self.rows.index(q)
+        lo, hi = meta.spans["image"]
+        p = self.pattern(layer).float().mean(dim=1)[:, q, lo:hi]
+        return p.reshape(p.shape[0], *meta.grid)

@@ -1,0 +1,26 @@
+"""Test helpers: wrap a bare module as an adapter-like object for capture()."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from probe.hooks import HookSpec
+
+
+class ModuleHooks:
+    """Exposes one attention module as ``vision.blocks.0.attn.pattern`` (and its z hook)."""
+
+    def __init__(self, module: nn.Module, heads: int, approximate: bool = False) -> None:
+        self.model = module
+        self.name = "test-module"
+        self._specs = [
+            HookSpec("vision.blocks.0.attn.pattern", "", "pattern", "(b, h, n, n)", n_heads=heads,
+                     approximate=approximate),
+            HookSpec("vision.blocks.0.attn.z", "out_proj", "input", "(b, n, h*d)", n_heads=heads),
+        ]
+
+    def hook_specs(self) -> list[HookSpec]:
+        return self._specs
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)

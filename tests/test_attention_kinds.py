@@ -1,0 +1,226 @@
+"""Each attention kind against its formula (../shared/REFERENCES.md, 'Efficient attention')."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from probe.capture import MaskTokens, capture, intervene
+from probe.models.attention import (
+    ATTENTION_KINDS,
+    AttentionConfig,
+    LinformerAttention,
+    MergedQKVAttention,
+    NystromAttention,
+    PerformerAttention,
+    StandardAttention,
+    dilated_window_mask,
+    iterative_pinv,
+    make_attention,
+)
+from tests.helpers import ModuleHooks
+
+GRID = (4, 4)
+N = 1 + GRID[0] * GRID[1]
+
+
+def cfg(**kw) -> AttentionConfig:
+    base = dict(dim=32, heads=4, seq_len=N, grid=GRID, linformer_k=8, performer_features=32, nystrom_landmarks=5)
+    base.update(kw)
+    return AttentionConfig(**base)
+
+
+def captured(module, x, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    hooks = ModuleHooks(module, module.heads)
+    with torch.no_grad(), capture(hooks, "vision.blocks.0.attn.pattern", **kw) as cache:
+        out = module(x)
+    return out, cache["vision.blocks.0.attn.pattern"]
+
+
+def direct_softmax(module, x: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) written out from the module's weights."""
+    b, n, dim = x.shape
+    h, d = module.heads, dim // module.heads
+    if hasattr(module, "qkv"):
+        w, bias = module.qkv.weight, module.qkv.bias
+        q = x @ w[:dim].T + bias[:dim]
+        k = x @ w[dim : 2 * dim].T + bias[dim : 2 * dim]
+    else:
+        q = x @ module.q_proj.weight.T + module.q_proj.bias
+        k = x @ module.k_proj.weight.T + module.k_proj.bias
+    q = q.view(b, n, h, d).transpose(1, 2)
+    k = k.view(b, n, h, d).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_pattern_shape_and_rows(kind):
+    torch.manual_seed(0)
+    m = make_attention(kind, cfg()).eval()
+    x = torch.randn(2, N, 32)
+    out, p = captured(m, x)
+    assert out.shape == (2, N, 32)
+    assert p.shape == (2, 4, N, N)
+    if kind != "linformer":  # Linformer's effective P F need not be row-stochastic
+        tol = 5e-2 if kind == "nystrom" else 1e-5  # Nystrom: A^+ is an iterative approximation
+        torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, N), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_capture_leaves_output_unchanged(kind):
+    torch.manual_seed(1)
+    m = make_attention(kind, cfg()).eval()
+    x = torch.randn(2, N, 32)
+    with torch.no_grad():
+        bare = m(x)
+    out, _ = captured(m, x)
+    assert torch.equal(bare, out)
+
+
+@pytest.mark.parametrize("kind", ["standard", "merged_qkv"])
+def test_exact_kinds_equal_direct_softmax(kind):
+    torch.manual_seed(2)
+    m = make_attention(kind, cfg()).eval()
+    x = torch.randn(3, N, 32)
+    _, p = captured(m, x)
+    torch.testing.assert_close(p, direct_softmax(m, x), atol=1e-6, rtol=1e-5)
+
+
+def test_merged_qkv_equals_standard_with_copied_weights():
+    torch.manual_seed(3)
+    std = StandardAttention(cfg()).eval()
+    merged = MergedQKVAttention(cfg()).eval()
+    with torch.no_grad():
+        merged.qkv.weight.copy_(torch.cat([std.q_proj.weight, std.k_proj.weight, std.v_proj.weight]))
+        merged.qkv.bias.copy_(torch.cat([std.q_proj.bias, std.k_proj.bias, std.v_proj.bias]))
+        merged.out_proj.load_state_dict(std.out_proj.state_dict())
+        x = torch.randn(2, N, 32)
+        torch.testing.assert_close(merged(x), std(x), atol=1e-6, rtol=1e-5)
+
+
+def test_linformer_identity_projections_equal_exact_attention():
+    torch.manual_seed(4)
+    lin = LinformerAttention(cfg(linformer_k=N)).eval()
+    std = StandardAttention(cfg()).eval()
+    with torch.no_grad():
+        lin.E.copy_(torch.eye(N))
+        lin.F.copy_(torch.eye(N))
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            getattr(lin, name).load_state_dict(getattr(std, name).state_dict())
+    x = torch.randn(2, N, 32)
+    out_l, p_l = captured(lin, x)
+    out_s, p_s = captured(std, x)
+    torch.testing.assert_close(p_l, p_s, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_l, out_s, atol=1e-5, rtol=1e-5)
+
+
+def test_linformer_rejects_other_lengths():
+    m = LinformerAttention(cfg()).eval()
+    with pytest.raises(ValueError, match="built for 17 tokens"):
+        m(torch.randn(1, N + 1, 32))
+
+
+def test_nystrom_one_landmark_per_token_is_exact():
+    torch.manual_seed(5)
+    nys = NystromAttention(cfg(nystrom_landmarks=N, nystrom_iters=40)).eval()
+    std = StandardAttention(cfg()).eval()
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            getattr(nys, name).load_state_dict(getattr(std, name).state_dict())
+    x = torch.randn(2, N, 32) * 2
+    out_n, p_n = captured(nys, x)
+    out_s, p_s = captured(std, x)
+    rel = (p_n - p_s).norm() / p_s.norm()
+    assert rel < 2e-3, rel
+    assert (out_n - out_s).norm() / out_s.norm() < 2e-3
+
+
+def test_iterative_pinv_converges_to_inverse():
+    torch.manual_seed(6)
+    a = torch.softmax(torch.randn(2, 6, 6) * 3, dim=-1).double()
+    z = iterative_pinv(a, 30)
+    torch.testing.assert_close(z, torch.linalg.inv(a), atol=1e-6, rtol=1e-6)
+
+
+def test_performer_error_falls_with_more_features():
+    """FAVOR+ against exact softmax with queries/keys of a pinned scale, q_proj = k_proj = identity."""
+    d, n = 16, 24
+    errors = {}
+    for m in (16, 64, 256, 1024):
+        errs = []
+        for seed in range(6):
+            torch.manual_seed(100 + seed)
+            att = PerformerAttention(AttentionConfig(dim=d, heads=1, seq_len=n, performer_features=m)).eval()
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                att.q_proj.weight.copy_(torch.eye(d))
+                att.k_proj.weight.copy_(torch.eye(d))
+                att.q_proj.bias.zero_()
+                att.k_proj.bias.zero_()
+            x = torch.randn(2, n, d, generator=gen) * 0.6
+            _, p = captured(att, x)
+            exact = torch.softmax(x @ x.transpose(-1, -2) / math.sqrt(d), dim=-1).unsqueeze(1)
+            errs.append(float((p - exact).abs().mean()))
+        errors[m] = sum(errs) / len(errs)
+    assert errors[64] < errors[16] and errors[256] < errors[64] and errors[1024] < errors[256], errors
+    # Monte Carlo rate ~ 1/sqrt(m) with a variance that grows as exp(|q+k|^2): about 3.6x over 64x m here
+    assert errors[1024] < errors[16] / 3, errors
+
+
+def test_performer_redraw_changes_features_in_training_only():
+    att = PerformerAttention(cfg(performer_redraw=2))
+    w0 = att.W.clone()
+    att.eval()
+    for _ in range(3):
+        att(torch.randn(1, N, 32))
+    assert torch.equal(att.W, w0)
+    att.train()
+    att(torch.randn(1, N, 32))
+    att(torch.randn(1, N, 32))
+    assert not torch.equal(att.W, w0)
+
+
+def test_hybrid_window_mask_is_dilated_and_cls_global():
+    allowed = dilated_window_mask((5, 5), prefix=1, window=1, dilation=2)
+    assert allowed[0].all() and allowed[:, 0].all()
+    centre = 1 + 2 * 5 + 2  # patch (2, 2)
+    seen = {(int(j - 1) // 5, int(j - 1) % 5) for j in allowed[centre].nonzero().flatten() if j > 0}
+    assert seen == {(r, c) for r in (0, 2, 4) for c in (0, 2, 4)}
+
+
+def test_hybrid_gate_mixes_local_and_global():
+    """With the gate saturated to 1 the effective matrix is the dilated local softmax alone."""
+    torch.manual_seed(7)
+    m = make_attention("hybrid", cfg()).eval()
+    with torch.no_grad():
+        m.gate.fill_(50.0)
+    _, p = captured(m, torch.randn(1, N, 32))
+    assert (p[0, :, 1:, 1:][:, ~m.allowed[1:, 1:]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_masked_tokens_get_zero_weight_and_do_not_matter(kind):
+    torch.manual_seed(8)
+    m = make_attention(kind, cfg()).eval()
+    hooks = ModuleHooks(m, m.heads)
+    x = torch.randn(2, N, 32)
+    masked = [2, 7]
+    with torch.no_grad(), intervene(hooks, [MaskTokens(masked)]), capture(hooks, "*.pattern") as cache:
+        out = m(x)
+    p = cache["vision.blocks.0.attn.pattern"]
+    assert (p[..., masked] == 0).all()
+    # the value (content) at masked positions must not reach the other tokens. Only the key/value
+    # path is masked, so compare the outputs of unmasked tokens after changing masked inputs'
+    # values alone: feed v through a hook-free path by perturbing v_proj input via x.
+    x2 = x.clone()
+    x2[:, masked] += 5.0
+    with torch.no_grad(), intervene(hooks, [MaskTokens(masked)]):
+        out2 = m(x2)
+    keep = [i for i in range(N) if i not in masked]
+    if kind in ("nystrom",):
+        # Nystrom's landmarks are segment means of all queries/keys: masked tokens still shape the
+        # weights (not the values). Their effective weight is zero, tested above.
+        return
+    torch.testing.assert_close(out[:, keep], out2[:, keep], atol=1e-5, rtol=1e-5)

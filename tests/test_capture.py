@@ -1,0 +1,88 @@
+"""The capture engine on the from-scratch ViT: selection, interventions, hook hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe import sites
+from probe.capture import MaskTokens, Replace, ZeroHeads, capture, intervene
+from probe.hooks import select
+from probe.registry import load_model
+
+
+@pytest.fixture
+def vit():
+    return load_model("vit-standard", weights="random", config={"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2})
+
+
+def test_unknown_hook_lists_available(vit):
+    with pytest.raises(KeyError, match="vision.blocks.0.attn.pattern"):
+        select(vit.hook_specs(), "text.*")
+
+
+def test_resid_and_patterns_captured_with_dtype_and_meta(vit, rgb_images):
+    batch = vit.preprocess(rgb_images)
+    with torch.no_grad(), capture(vit, ["vision.blocks.*.resid_post", "vision.blocks.1.attn.pattern"],
+                                  dtype=torch.float16) as cache:
+        vit.forward(batch)
+    assert cache["vision.blocks.0.resid_post"].shape == (3, 17, 32)
+    assert cache["vision.blocks.1.attn.pattern"].dtype == torch.float16
+    meta = vit.input_meta(batch)
+    assert meta.spans == {"cls": (0, 1), "image": (1, 17)} and meta.grid == (4, 4)
+
+
+def test_repeated_forwards_are_kept_in_order(vit, rgb_images):
+    batch = vit.preprocess(rgb_images)
+    with torch.no_grad(), capture(vit, "vision.blocks.0.resid_post") as cache:
+        vit.forward(batch)
+        vit.forward(batch)
+    assert len(cache.calls("vision.blocks.0.resid_post")) == 2
+    with pytest.raises(ValueError, match="captured 2 times"):
+        cache["vision.blocks.0.resid_post"]
+    assert set(cache.to_arrays()) == {"vision.blocks.0.resid_post@0", "vision.blocks.0.resid_post@1"}
+
+
+def test_zero_heads_per_batch_element(vit, rgb_images):
+    """A (batch, heads) mask zeroes different heads per element, equal to one forward per variant."""
+    batch = vit.preprocess(rgb_images)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[1, 2] = True
+    mask[2, [0, 3]] = True
+    with torch.no_grad(), intervene(vit, [ZeroHeads("vision.blocks.0.attn.z", mask)]):
+        batched = vit.forward(batch)
+    for i, heads in enumerate([[], [2], [0, 3]]):
+        with torch.no_grad(), intervene(vit, [ZeroHeads("vision.blocks.0.attn.z", heads)]):
+            single = vit.forward({"pixel_values": batch["pixel_values"][i : i + 1]})
+        torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_replace_resid_changes_output_and_restores(vit, rgb_images):
+    batch = vit.preprocess(rgb_images)
+    with torch.no_grad():
+        before = vit.forward(batch)
+        with intervene(vit, [Replace("vision.blocks.1.resid_post", torch.zeros_like)]):
+            replaced = vit.forward(batch)
+        after = vit.forward(batch)
+    assert torch.equal(before, after)
+    # zeroed final residual -> logits are the head's bias through LayerNorm(0) = beta
+    expected = vit.model.head(vit.model.norm.bias.expand(3, -1))
+    torch.testing.assert_close(replaced, expected)
+
+
+def test_intervention_errors_are_clear(vit, rgb_images):
+    batch = vit.preprocess(rgb_images)
+    with pytest.raises(ValueError, match="out of range"):
+        with intervene(vit, [ZeroHeads("vision.blocks.0.attn.z", [9])]):
+            vit.forward(batch)
+    with pytest.raises(ValueError, match="derived"):
+        with intervene(vit, [Replace("vision.blocks.0.attn.pattern", torch.zeros(1))]):
+            pass
+    with pytest.raises(ValueError, match="per-head"):
+        with intervene(vit, [ZeroHeads("vision.blocks.0.resid_post", [0])]):
+            vit.forward(batch)
+    with pytest.raises(ValueError, match=r"MaskTokens mask must be \(batch=3, keys=17\)"):
+        with intervene(vit, [MaskTokens(torch.zeros(3, 5, dtype=torch.bool))]):
+            vit.forward(batch)
+    assert sites.active_site_count() == 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.model.modules())

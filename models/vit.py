@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,6 +22,7 @@ from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, fi
 from probe.data import images_to_tensor
 from probe.hooks import VISION_PATTERN, VISION_RESID_POST, VISION_Z, HookSpec
 from probe.io import atomic_dir
+from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
 
 log = logging.getLogger(__name__)
 

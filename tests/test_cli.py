@@ -1,0 +1,107 @@
+"""The CLI end to end, in process, on tiny models and images the tests make."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from probe.cli import main
+from probe.store import RunStore
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "img.png"
+    arr = np.zeros((50, 70, 4), dtype=np.uint8)
+    arr[10:30, 20:50] = (255, 0, 0, 255)
+    Image.fromarray(arr, "RGBA").save(p)
+    return p
+
+
+def test_run_attention_end_to_end(store_root, image, capsys):
+    assert main(["run", "attention", "--model", "vit-performer", "--weights", "random", "--images", str(image),
+                 "--seed", "1", "--rows", "cls"]) == 0
+    out = capsys.readouterr().out
+    assert "saved run" in out and "effective attention" in out
+    runs = RunStore(store_root).list()
+    assert len(runs) == 1
+    run = RunStore(store_root).load(runs[0].id)
+    m = run.manifest
+    assert m["model"]["name"] == "vit-performer" and m["weights"]["source"] == "random"
+    assert m["attn_implementation"] == "performer" and m["seed"] == 1 and m["dtype"] == "float32"
+    assert set(m["timings_s"]) == {"load", "run", "render"}
+    assert run.result.rows == [0] and run.result.approximate
+    assert run.result.pattern(0).shape == (1, 1, 1, 65)
+    assert [f.name for f in run.figures] == ["attention_cls.png"]
+    assert main(["runs"]) == 0 and runs[0].id in capsys.readouterr().out
+    assert main(["runs", "--show", runs[0].id]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n/")[0])["id"] == runs[0].id
+
+
+def test_default_run_uses_bundled_images(store_root, capsys):
+    assert main(["run", "attention", "--out", str(store_root)]) == 0
+    run = RunStore(store_root).list()[0]
+    assert len(run.manifest["images"]) == 4
+
+
+def test_unknown_model_lists_known(store_root, capsys):
+    assert main(["run", "attention", "--model", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("probe: error: unknown model 'nope'") and "vit-performer" in err and "hf-vit" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_corrupt_image_is_one_clear_line(store_root, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    assert main(["run", "attention", "--images", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.png" in err and "Traceback" not in err
+    assert RunStore(store_root).list() == []
+
+
+def test_models_lists_capabilities(capsys):
+    assert main(["models", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["vit-nystrom"]["attention_weights"] == "effective"
+    assert d["vit-standard"]["attention_weights"] == "exact" and d["hf-vit"]["fusion"] == "none"
+
+
+def write_two_class_cifar(folder, n=64):
+    """Red-left vs blue-right images in the CIFAR-10 python format: learnable in a few steps."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    labels = rng.integers(0, 2, n)
+    imgs = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
+    imgs[labels == 0, :, :16, 0] = 230
+    imgs[labels == 1, :, 16:, 2] = 230
+    data = imgs.transpose(0, 3, 1, 2).reshape(n, 3072)
+    for name in ("data_batch_1", "test_batch"):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"labels": labels.tolist(), b"data": data}, f, protocol=2)
+
+
+def test_train_then_analyse_checkpoint(tmp_path, store_root, capsys):
+    data = tmp_path / "cifar"
+    write_two_class_cifar(data)
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "vit", "--attention", "nystrom", "--data", str(data), "--out", str(ckpt),
+                 "--epochs", "6", "--batch-size", "16", "--dim", "32", "--depth", "2", "--image-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "test top-1" in out
+    card = json.loads((ckpt / "config.json").read_text())
+    assert card["metrics"]["test_top1"] >= 0.9, card["metrics"]
+    assert card["metrics"]["test_top5"] == 1.0  # two classes: top-5 is capped at top-2
+    img = tmp_path / "x.png"
+    Image.new("RGB", (16, 16), (230, 0, 0)).save(img)
+    assert main(["run", "attention", "--model", "vit-nystrom", "--weights", str(ckpt), "--images", str(img)]) == 0
+    run = RunStore(store_root).list()[0]
+    assert run.manifest["weights"]["source"] == "local"
+    # a checkpoint of another kind is refused with the right model name
+    assert main(["run", "attention", "--model", "vit-standard", "--weights", str(ckpt), "--images", str(img)]) == 2
+    assert "load it as vit-nystrom" in capsys.readouterr().err

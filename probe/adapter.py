@@ -170,6 +170,19 @@ class ModelAdapter(abc.ABC):
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
+    def run_with_cache(
+        self, images: Sequence[Image.Image], hooks: str | Sequence[str] = "*", **capture_kwargs: Any
+    ) -> tuple[Any, Any]:
+        """Preprocess `images`, run the model under `probe.capture.capture` and return
+        ``(output, cache)``, the cache's `meta` set to this batch's `InputMeta`."""
+        from probe.capture import capture
+
+        batch = self.preprocess(images)
+        with torch.no_grad(), capture(self, hooks, **capture_kwargs) as cache:
+            out = self.forward(batch)
+        cache.meta = self.input_meta(batch)
+        return out, cache
+
     def module(self, path: str) -> nn.Module:
         """The native module at a dotted path; a clear error when there is none."""
         try:

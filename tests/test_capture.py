@@ -86,3 +86,11 @@ def test_intervention_errors_are_clear(vit, rgb_images):
             vit.forward(batch)
     assert sites.active_site_count() == 0
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.model.modules())
+
+
+def test_run_with_cache_sets_meta(vit, rgb_images):
+    out, cache = vit.run_with_cache(rgb_images, "vision.blocks.0.attn.pattern", rows=[0])
+    assert out.shape == (3, 10)
+    assert cache.meta.grid == (4, 4) and cache.meta.spans["cls"] == (0, 1)
+    assert cache["vision.blocks.0.attn.pattern"].shape == (3, 4, 1, 17)
+    assert cache.selection["rows"] == [0]

@@ -96,10 +96,15 @@ class StandardAttention(_Attention):
     def __init__(self, cfg: AttentionConfig, merged: bool = False) -> None:
         super().__init__(cfg, merged=merged)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask`: optional bool (n, n) or (batch, 1, n, n), True where a query may attend."""
         q, k, v = self.qkv_heads(x)
         keep = sites.key_keep(self, x.shape[0], k.shape[2], x.device)
         mask = None if keep is None else keep_to_additive(keep, q.dtype)
+        if attn_mask is not None:
+            allowed = torch.zeros(attn_mask.shape, dtype=q.dtype, device=x.device)
+            allowed.masked_fill_(~attn_mask.to(x.device), torch.finfo(q.dtype).min)
+            mask = allowed if mask is None else (mask + allowed).clamp_min(torch.finfo(q.dtype).min)
         p = self.cfg.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         if sites.wants_pattern(self):

@@ -103,6 +103,14 @@ def select_mask(mask: torch.Tensor, heads: Index, rows: Index) -> torch.Tensor:
     return mask
 
 
+class AttentionSite(nn.Module):
+    """A parameter-free attachment point, for modules that compute more than one attention
+    (MMCA's text->text and text->image parts): each part asks the registry about its own site."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 PatternListener = Callable[[PatternSource], None]
 KeyMaskFn = Callable[[int, int, torch.device], torch.Tensor]
 

@@ -24,3 +24,17 @@ class ModuleHooks:
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
+
+
+class SiteHooks:
+    """Exposes named submodules of `model` as pattern hooks: {canonical name: module path}."""
+
+    def __init__(self, model: nn.Module, names: dict[str, str]) -> None:
+        self.model = model
+        self._specs = [HookSpec(n, path, "pattern", "(b, h, q, k)") for n, path in names.items()]
+
+    def hook_specs(self) -> list[HookSpec]:
+        return self._specs
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)

@@ -1,0 +1,155 @@
+"""Multi-modal causal attention (MMCA; DeepSpeed-VisualChat, Yao et al. 2023, arXiv 2309.14327).
+
+Visual tokens attend only to visual tokens. A text token attends causally to earlier text tokens
+and to all visual tokens, with *separate* softmaxes whose outputs are summed::
+
+    V' = softmax(Q_V K_V^T / sqrt d) V_V
+    T' = softmax(Q_T K_T^T / sqrt d, causal) V_T + softmax(Q_T K_V^T / sqrt d) V_V
+
+so text-to-image weights do not compete with text-to-text weights. Both patterns are captured:
+``text.blocks.{i}.attn.pattern`` (text->text, (batch, heads, text, text)) and
+``text.blocks.{i}.xattn.pattern`` (text->image, (batch, heads, text, image)). Masking visual keys
+(`MaskTokens` on the xattn hook) zeroes their weights *after* the softmax, so removing every image
+token gives a zero image term (the blind baseline), never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from probe import sites
+from probe.models.text import greedy_generate
+from probe.models.vit import ViT, ViTConfig
+from probe.sites import AttentionSite, PatternSource, keep_to_additive
+
+
+class MMCAAttention(nn.Module):
+    """One MMCA layer's attention over a visual stream (b, nv, d) and a text stream (b, nt, d)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim**-0.5
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.vision_site, self.text_site, self.cross_site = AttentionSite(), AttentionSite(), AttentionSite()
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        b, n, _ = x.shape
+        return proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, o: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, h * d))
+
+    @staticmethod
+    def _softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is not None:
+            scores = scores + keep_to_additive(keep, scores.dtype)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        # all-masked rows: zero, not uniform
+        return p if keep is None else p * keep[:, None, None, :].to(p.dtype)
+
+    def forward(self, vis: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, nv, _ = vis.shape
+        nt = txt.shape[1]
+        qv, kv, vv = (self._heads(vis, p) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qt, kt, vt = (self._heads(txt, p) for p in (self.q_proj, self.k_proj, self.v_proj))
+        causal = torch.ones(nt, nt, dtype=torch.bool, device=txt.device).tril()
+        causal_add = torch.zeros(nt, nt, dtype=qt.dtype, device=txt.device).masked_fill_(
+            ~causal, torch.finfo(qt.dtype).min
+        )
+        p_vv = self._softmax(qv @ kv.transpose(-1, -2) * self.scale, sites.key_keep(self.vision_site, b, nv, vis.device))
+        p_tt = self._softmax(qt @ kt.transpose(-1, -2) * self.scale + causal_add,
+                             sites.key_keep(self.text_site, b, nt, txt.device))
+        p_ti = self._softmax(qt @ kv.transpose(-1, -2) * self.scale, sites.key_keep(self.cross_site, b, nv, vis.device))
+        for site, p in ((self.vision_site, p_vv), (self.text_site, p_tt), (self.cross_site, p_ti)):
+            if sites.wants_pattern(site):
+                sites.emit_pattern(site, _fixed(p))
+        return self._merge(p_vv @ vv), self._merge(p_tt @ vt + p_ti @ vv)
+
+
+def _fixed(p: torch.Tensor) -> PatternSource:
+    def compute(heads: sites.Index, rows: sites.Index) -> torch.Tensor:
+        return sites.select_rows(sites.select_heads(p, heads), rows).float()
+
+    return PatternSource(compute=compute, n_heads=p.shape[1])
+
+
+class MMCABlock(nn.Module):
+    """Pre-norm block: MMCA over both streams, then a shared MLP on each stream."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MMCAAttention(dim, heads)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, vis: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dv, dt = self.attn(self.norm1(vis), self.norm1(txt))
+        vis, txt = vis + dv, txt + dt
+        return vis + self.mlp(self.norm2(vis)), txt + self.mlp(self.norm2(txt))
+
+
+@dataclass(frozen=True)
+class MMCAConfig:
+    vocab_size: int
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    max_len: int = 64
+    vision: dict | None = None  # ViTConfig fields of the encoder
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MMCACaptioner(nn.Module):
+    """A from-scratch ViT encoder (patch tokens), a linear projection, MMCA decoder blocks, a char head.
+
+    ``forward(pixel_values (b, 3, H, W), input_ids (b, nt)) -> logits (b, nt, vocab)``.
+    """
+
+    def __init__(self, cfg: MMCAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = ViT(ViTConfig(**(cfg.vision or {})))
+        self.proj = nn.Linear(self.vision.cfg.dim, cfg.dim)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Parameter(torch.randn(1, cfg.max_len, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(MMCABlock(cfg.dim, cfg.heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.vision.cfg.seq_len - 1
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) -> projected patch tokens (b, patches, dim); the ViT's CLS is dropped."""
+        return self.proj(self.vision.features(pixel_values)[:, 1:])
+
+    def decode(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        nt = input_ids.shape[1]
+        if nt > self.cfg.max_len:
+            raise ValueError(f"text of {nt} tokens exceeds max_len {self.cfg.max_len}")
+        txt = self.tok_emb(input_ids) + self.pos_emb[:, :nt]
+        for blk in self.blocks:
+            vis, txt = blk(vis, txt)
+        return self.head(self.norm(txt))
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode_image(pixel_values), input_ids)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+        vis = self.encode_image(pixel_values)
+        return greedy_generate(lambda ids: self.decode(vis, ids), pixel_values.shape[0],
+                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device)
+

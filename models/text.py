@@ -1,0 +1,148 @@
+"""Character-level text for our own captioners: a tokenizer, a training loop, greedy decoding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+class CharTokenizer:
+    """Characters of a corpus plus ``<pad>`` (0), ``<bos>`` (1) and ``<eos>`` (2).
+
+    Unknown characters raise: a caption model should never silently drop letters.
+    """
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        chars = sorted(set(chars) - {PAD, BOS, EOS})
+        if any(len(c) != 1 for c in chars):
+            raise ValueError("CharTokenizer takes single characters")
+        self.itos = [PAD, BOS, EOS, *chars]
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    @classmethod
+    def from_corpus(cls, texts: Iterable[str]) -> CharTokenizer:
+        return cls(c for t in texts for c in t)
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = True) -> list[int]:
+        bad = sorted({c for c in text if c not in self.stoi})
+        if bad:
+            raise ValueError(f"characters {bad} are not in this tokenizer's vocabulary")
+        return ([self.bos_id] if bos else []) + [self.stoi[c] for c in text] + ([self.eos_id] if eos else [])
+
+    def batch(self, texts: Sequence[str]) -> torch.Tensor:
+        """(batch, longest + 2) ids, ``<bos> text <eos>`` right-padded with ``<pad>``."""
+        ids = [self.encode(t) for t in texts]
+        out = torch.full((len(ids), max(map(len, ids))), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(ids):
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                out.append(self.itos[i])
+        return "".join(out)
+
+    def tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.itos[int(i)] for i in ids]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"type": "char", "itos": self.itos}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        d = json.loads(Path(path).read_text())
+        if d.get("type") != "char" or d["itos"][:3] != [PAD, BOS, EOS]:
+            raise ValueError(f"{path} is not a probe character tokenizer")
+        return cls(d["itos"][3:])
+
+
+def caption_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Next-character cross-entropy: logits (batch, n, vocab) at positions 0..n-2 predict ids 1..n-1."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), ignore_index=pad_id
+    )
+
+
+@dataclass(frozen=True)
+class CaptionTrainReport:
+    losses: list[float]
+    steps: int
+
+
+def train_captioner(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> CaptionTrainReport:
+    """Teacher-forced training of ``model(pixel_values, input_ids) -> logits`` on its trainable parameters.
+
+    Args:
+        pixel_values: (n, 3, H, W); input_ids: (n, T) from `CharTokenizer.batch`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc=f"train {type(model).__name__}", disable=not progress):
+        idx = torch.randint(0, len(input_ids), (min(batch_size, len(input_ids)),), generator=g)
+        loss = caption_loss(model(pixel_values[idx], input_ids[idx]), input_ids[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return CaptionTrainReport(losses, steps)
+
+
+@torch.no_grad()
+def greedy_generate(
+    step_logits: Callable[[torch.Tensor], torch.Tensor], batch: int, max_new_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """Greedy decoding from ``<bos>``: `step_logits(ids (batch, t)) -> (batch, t, vocab)`.
+
+    Returns (batch, 1 + generated) ids; finished rows are padded with ``<pad>`` after ``<eos>``.
+    """
+    ids = torch.full((batch, 1), CharTokenizer.bos_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = step_logits(ids)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, CharTokenizer.pad_id), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= nxt == CharTokenizer.eos_id
+        if done.all():
+            break
+    return ids

@@ -1,6 +1,7 @@
 """Model adapters. Importing this package registers every model family."""
 
-from probe.models import hf_vit, vit
+from probe.models import hf_vit, own_captioners, vit
 
 vit.register()
 hf_vit.register()
+own_captioners.register()

@@ -85,17 +85,7 @@ class HFViTAdapter(ModelAdapter):
         return f"{self.model.config._attn_implementation} (SDPA kernel, patterns recomputed on request)"
 
     def hook_specs(self) -> list[HookSpec]:
-        p, h = self._prefix, self.config.num_attention_heads
-        specs: list[HookSpec] = []
-        for i in range(self.config.num_hidden_layers):
-            specs += [
-                HookSpec(VISION_PATTERN.format(i=i), f"{p}layers.{i}.attention", "pattern",
-                         "(batch, heads, tokens, tokens)", n_heads=h),
-                HookSpec(VISION_Z.format(i=i), f"{p}layers.{i}.attention.o_proj", "input",
-                         "(batch, tokens, heads * head_dim)", n_heads=h),
-                HookSpec(VISION_RESID_POST.format(i=i), f"{p}layers.{i}", "output", "(batch, tokens, dim)"),
-            ]
-        return specs
+        return vision_specs(self.config, self._prefix)
 
     @property
     def image_size(self) -> int:
@@ -115,6 +105,21 @@ class HFViTAdapter(ModelAdapter):
         g = self.image_size // int(self.config.patch_size)
         return InputMeta(spans={"cls": (0, 1), "image": (1, 1 + g * g)}, grid=(g, g),
                          image_size=(self.image_size, self.image_size))
+
+
+def vision_specs(config: Any, prefix: str = "") -> list[HookSpec]:
+    """Canonical vision hooks of a transformers ViT whose layers sit at ``{prefix}layers.{i}``."""
+    h = config.num_attention_heads
+    specs: list[HookSpec] = []
+    for i in range(config.num_hidden_layers):
+        specs += [
+            HookSpec(VISION_PATTERN.format(i=i), f"{prefix}layers.{i}.attention", "pattern",
+                     "(batch, heads, tokens, tokens)", n_heads=h),
+            HookSpec(VISION_Z.format(i=i), f"{prefix}layers.{i}.attention.o_proj", "input",
+                     "(batch, tokens, heads * head_dim)", n_heads=h),
+            HookSpec(VISION_RESID_POST.format(i=i), f"{prefix}layers.{i}", "output", "(batch, tokens, dim)"),
+        ]
+    return specs
 
 
 def register() -> None:

@@ -111,7 +111,7 @@ class MMCAConfig:
 
 
 class MMCACaptioner(nn.Module):
-    """A from-scratch ViT encoder (patch tokens), a linear projection, MMCA decoder blocks, a char head.
+    """A from-scratch ViT encoder (CLS + patch tokens), a linear projection, MMCA decoder blocks, a char head.
 
     ``forward(pixel_values (b, 3, H, W), input_ids (b, nt)) -> logits (b, nt, vocab)``.
     """
@@ -129,11 +129,12 @@ class MMCACaptioner(nn.Module):
 
     @property
     def n_image_tokens(self) -> int:
-        return self.vision.cfg.seq_len - 1
+        return self.vision.cfg.seq_len
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) -> projected patch tokens (b, patches, dim); the ViT's CLS is dropped."""
-        return self.proj(self.vision.features(pixel_values)[:, 1:])
+        """(b, 3, H, W) -> projected vision tokens (b, 1 + patches, dim), the ViT's CLS first, so
+        the visual stream is indexed like the encoder's tokens."""
+        return self.proj(self.vision.features(pixel_values))
 
     def decode(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         nt = input_ids.shape[1]

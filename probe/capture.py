@@ -160,8 +160,9 @@ class Replace:
 class MaskTokens:
     """Remove tokens as keys of the attention sites matching `attention` (pattern hook names).
 
-    `tokens` is a list of token positions (all batch elements), or a bool tensor (batch, n_keys),
-    True meaning removed. A removed token receives exactly zero attention (zero effective weight
+    `tokens` is a list of token positions (all batch elements), or a bool tensor (batch, m),
+    True meaning removed, covering the first m <= n_keys keys (so a mask over an image prefix holds
+    whatever the text length is). A removed token receives exactly zero attention (zero effective weight
     for approximate kinds) and contributes nothing to the outputs of those layers.
     """
 
@@ -201,11 +202,13 @@ def _token_keep_fn(tokens: Sequence[int] | torch.Tensor) -> sites.KeyMaskFn:
             removed = tokens.to(device=device, dtype=torch.bool)
             if removed.dim() == 1:
                 removed = removed.unsqueeze(0).expand(batch, -1)
-            if removed.shape != (batch, n_keys):
+            if removed.shape[0] != batch or removed.dim() != 2 or removed.shape[1] > n_keys:
                 raise ValueError(
-                    f"MaskTokens mask must be (batch={batch}, keys={n_keys}); got {tuple(removed.shape)}"
+                    f"MaskTokens mask must be (batch={batch}, keys<={n_keys}); got {tuple(removed.shape)}"
                 )
-            return ~removed
+            keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+            keep[:, : removed.shape[1]] = ~removed
+            return keep
         keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
         bad = [t for t in tokens if not -n_keys <= t < n_keys]
         if bad:

@@ -81,8 +81,8 @@ def test_intervention_errors_are_clear(vit, rgb_images):
     with pytest.raises(ValueError, match="per-head"):
         with intervene(vit, [ZeroHeads("vision.blocks.0.resid_post", [0])]):
             vit.forward(batch)
-    with pytest.raises(ValueError, match=r"MaskTokens mask must be \(batch=3, keys=17\)"):
-        with intervene(vit, [MaskTokens(torch.zeros(3, 5, dtype=torch.bool))]):
+    with pytest.raises(ValueError, match=r"MaskTokens mask must be \(batch=3, keys<=17\)"):
+        with intervene(vit, [MaskTokens(torch.zeros(3, 18, dtype=torch.bool))]):
             vit.forward(batch)
     assert sites.active_site_count() == 0
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.model.modules())

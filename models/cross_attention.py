@@ -114,3 +114,4 @@ class TextConditionedClassifier(nn.Module):
     ) -> torch.Tensor:
         fmap = self.block(self.stem(pixel_values), self.embed(input_ids), key_padding_mask)
         return self.head(fmap.mean(dim=(2, 3)))
+

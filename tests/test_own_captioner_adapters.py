@@ -77,3 +77,17 @@ def test_wrong_checkpoint_kind_is_named(tmp_path):
     load_model("mmca", weights="random", **SMALL["mmca"]).save(tmp_path / "m")
     with pytest.raises(ValueError, match="holds a 'mmca' checkpoint"):
         load_model("prefix-vlm", weights=str(tmp_path / "m"))
+
+
+def test_conditioning_adapter_hooks_and_image_masking(rgb_images):
+    a = load_model("xattn-cond", weights="random")
+    batch = a.preprocess(rgb_images, ["red", "blue square", ""])
+    with torch.no_grad(), capture(a, "*xattn*") as c:
+        logits = a.forward(batch)
+    p = c["vision.blocks.0.xattn.pattern"]
+    assert logits.shape == (3, 2) and p.shape == (3, 2, 64, 13)
+    assert (p[0][..., 5:] == 0).all() and (p[2][..., 2:] == 0).all()  # padding gets zero weight
+    torch.testing.assert_close(p[1].sum(-1), torch.ones(2, 64))
+    other = a.preprocess(rgb_images[1:] + rgb_images[:1], ["red", "blue square", ""])
+    with torch.no_grad(), intervene(a, a.mask_image_tokens()):
+        torch.testing.assert_close(a.forward(batch), a.forward(other), atol=0, rtol=0)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from probe import sites
-from probe.models.text import greedy_generate
+from probe.models.text import EncodeDecodeCaptioner
 from probe.models.vit import ViT, ViTConfig
 from probe.sites import AttentionSite, PatternSource, keep_to_additive
 
@@ -110,7 +110,7 @@ class MMCAConfig:
         return asdict(self)
 
 
-class MMCACaptioner(nn.Module):
+class MMCACaptioner(EncodeDecodeCaptioner):
     """A from-scratch ViT encoder (CLS + patch tokens), a linear projection, MMCA decoder blocks, a char head.
 
     ``forward(pixel_values (b, 3, H, W), input_ids (b, nt)) -> logits (b, nt, vocab)``.
@@ -137,20 +137,9 @@ class MMCACaptioner(nn.Module):
         return self.proj(self.vision.features(pixel_values))
 
     def decode(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        nt = input_ids.shape[1]
-        if nt > self.cfg.max_len:
-            raise ValueError(f"text of {nt} tokens exceeds max_len {self.cfg.max_len}")
+        nt = self.check_length(input_ids)
         txt = self.tok_emb(input_ids) + self.pos_emb[:, :nt]
         for blk in self.blocks:
             vis, txt = blk(vis, txt)
         return self.head(self.norm(txt))
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode_image(pixel_values), input_ids)
-
-    @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
-        vis = self.encode_image(pixel_values)
-        return greedy_generate(lambda ids: self.decode(vis, ids), pixel_values.shape[0],
-                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device)
 

@@ -28,9 +28,6 @@ from probe.hooks import (
     TEXT_RESID_POST,
     TEXT_XATTN_PATTERN,
     TEXT_Z,
-    VISION_PATTERN,
-    VISION_RESID_POST,
-    VISION_Z,
     HookSpec,
 )
 from probe.io import atomic_dir
@@ -38,6 +35,7 @@ from probe.models.hf_vit import vision_specs
 from probe.models.mmca import MMCACaptioner, MMCAConfig
 from probe.models.prefix_vlm import PrefixDecoderConfig, PrefixVLM
 from probe.models.text import CharTokenizer
+from probe.models.vit import vit_specs
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +277,8 @@ class MMCAAdapter(CharCaptionerAdapter):
         return self.model.n_image_tokens
 
     def hook_specs(self) -> list[HookSpec]:
-        v, cfg = self.model.vision.cfg, self.model.cfg
-        specs: list[HookSpec] = []
-        for i in range(v.depth):
-            specs += [
-                HookSpec(VISION_PATTERN.format(i=i), f"vision.blocks.{i}.attn", "pattern",
-                         "(batch, heads, tokens, tokens)", n_heads=v.heads),
-                HookSpec(VISION_Z.format(i=i), f"vision.blocks.{i}.attn.out_proj", "input",
-                         "(batch, tokens, heads * head_dim)", n_heads=v.heads),
-                HookSpec(VISION_RESID_POST.format(i=i), f"vision.blocks.{i}", "output", "(batch, tokens, dim)"),
-            ]
+        cfg = self.model.cfg
+        specs = vit_specs(self.model.vision.cfg, "vision.")
         specs.append(HookSpec(FUSION_PROJ, "proj", "output", "(batch, image tokens, dim)"))
         for i in range(cfg.depth):
             specs += [

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from probe.models.attention import AttentionConfig, StandardAttention
-from probe.models.text import greedy_generate
+from probe.models.text import EncodeDecodeCaptioner
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def joint_mask(n_prefix: int, n_text: int, device: torch.device | None = None) -
     return allowed
 
 
-class PrefixVLM(nn.Module):
+class PrefixVLM(EncodeDecodeCaptioner):
     """``forward(pixel_values, input_ids) -> logits (batch, n_text, vocab)``.
 
     Args:
@@ -97,20 +97,9 @@ class PrefixVLM(nn.Module):
         return self.proj(feats)
 
     def decode(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        nt = input_ids.shape[1]
-        if nt > self.cfg.max_len:
-            raise ValueError(f"text of {nt} tokens exceeds max_len {self.cfg.max_len}")
+        nt = self.check_length(input_ids)
         x = torch.cat([prefix, self.tok_emb(input_ids) + self.pos_emb[:, :nt]], dim=1)
         mask = joint_mask(prefix.shape[1], nt, x.device)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.head(self.norm(x[:, prefix.shape[1] :]))
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode_image(pixel_values), input_ids)
-
-    @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
-        prefix = self.encode_image(pixel_values)
-        return greedy_generate(lambda ids: self.decode(prefix, ids), pixel_values.shape[0],
-                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device)

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,33 @@ def greedy_generate(
         if done.all():
             break
     return ids
+
+
+class EncodeDecodeCaptioner(nn.Module):
+    """Base of our captioners: subclasses define `encode_image` and `decode`; this gives the
+    teacher-forced `forward` and greedy `generate`. ``cfg.max_len`` bounds the text length."""
+
+    cfg: Any
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, image_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_length(self, input_ids: torch.Tensor) -> int:
+        nt = input_ids.shape[1]
+        if nt > self.cfg.max_len:
+            raise ValueError(f"text of {nt} tokens exceeds max_len {self.cfg.max_len}")
+        return nt
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W), (b, T) -> next-token logits (b, T, vocab)."""
+        return self.decode(self.encode_image(pixel_values), input_ids)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy ids (b, 1 + generated), starting at ``<bos>``; the image is encoded once."""
+        image_tokens = self.encode_image(pixel_values)
+        return greedy_generate(lambda ids: self.decode(image_tokens, ids), pixel_values.shape[0],
+                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device)

@@ -223,17 +223,7 @@ class ViTAdapter(ModelAdapter):
         return adapter.to(device, dtype)  # type: ignore[return-value]
 
     def hook_specs(self) -> list[HookSpec]:
-        approx = self.cfg.attention in APPROXIMATE_KINDS
-        specs: list[HookSpec] = []
-        for i in range(self.cfg.depth):
-            specs += [
-                HookSpec(VISION_PATTERN.format(i=i), f"blocks.{i}.attn", "pattern",
-                         "(batch, heads, tokens, tokens)", n_heads=self.cfg.heads, approximate=approx),
-                HookSpec(VISION_Z.format(i=i), f"blocks.{i}.attn.out_proj", "input",
-                         "(batch, tokens, heads * head_dim)", n_heads=self.cfg.heads),
-                HookSpec(VISION_RESID_POST.format(i=i), f"blocks.{i}", "output", "(batch, tokens, dim)"),
-            ]
-        return specs
+        return vit_specs(self.cfg)
 
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         pixels = images_to_tensor(images, self.cfg.image_size, self.cfg.mean, self.cfg.std)
@@ -258,6 +248,21 @@ class ViTAdapter(ModelAdapter):
     @property
     def labels(self) -> list[str]:
         return list(self.cfg.labels) or [str(i) for i in range(self.cfg.num_classes)]
+
+
+def vit_specs(cfg: ViTConfig, prefix: str = "") -> list[HookSpec]:
+    """Canonical vision hooks of a from-scratch `ViT` whose blocks sit at ``{prefix}blocks.{i}``."""
+    approx = cfg.attention in APPROXIMATE_KINDS
+    specs: list[HookSpec] = []
+    for i in range(cfg.depth):
+        specs += [
+            HookSpec(VISION_PATTERN.format(i=i), f"{prefix}blocks.{i}.attn", "pattern",
+                     "(batch, heads, tokens, tokens)", n_heads=cfg.heads, approximate=approx),
+            HookSpec(VISION_Z.format(i=i), f"{prefix}blocks.{i}.attn.out_proj", "input",
+                     "(batch, tokens, heads * head_dim)", n_heads=cfg.heads),
+            HookSpec(VISION_RESID_POST.format(i=i), f"{prefix}blocks.{i}", "output", "(batch, tokens, dim)"),
+        ]
+    return specs
 
 
 def capabilities_for(kind: str) -> Capabilities:

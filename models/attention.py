@@ -351,7 +351,7 @@ class HybridAttention(_Attention):
             def effective(heads: Index, rows: Index) -> torch.Tensor:
                 qs = select_rows(select_heads(q, heads), rows)
                 ks = select_heads(k, heads)
-                m = local_mask if rows is None else local_mask[:, :, sites._as_index(rows)]
+                m = local_mask if rows is None else local_mask[:, :, sites.as_index(rows)]
                 pl = torch.softmax(qs @ ks.transpose(-1, -2) * self.scale + m, dim=-1)
                 a = select_rows(select_heads(pq, heads), rows) @ select_heads(pk, heads).transpose(-1, -2)
                 pg = a / a.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -72,7 +72,7 @@ class PatternSource:
         return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
-def _as_index(idx: Index) -> slice | torch.Tensor | list[int]:
+def as_index(idx: Index) -> slice | torch.Tensor | list[int]:
     if idx is None:
         return slice(None)
     if isinstance(idx, int):
@@ -84,12 +84,12 @@ def _as_index(idx: Index) -> slice | torch.Tensor | list[int]:
 
 def select_heads(x: torch.Tensor, heads: Index) -> torch.Tensor:
     """Select heads on dim 1 of a (batch, heads, ...) tensor; keeps the dimension."""
-    return x if heads is None else x[:, _as_index(heads)]
+    return x if heads is None else x[:, as_index(heads)]
 
 
 def select_rows(x: torch.Tensor, rows: Index) -> torch.Tensor:
     """Select query rows on dim 2 of a (batch, heads, rows, ...) tensor; keeps the dimension."""
-    return x if rows is None else x[:, :, _as_index(rows)]
+    return x if rows is None else x[:, :, as_index(rows)]
 
 
 def select_mask(mask: torch.Tensor, heads: Index, rows: Index) -> torch.Tensor:
@@ -97,9 +97,9 @@ def select_mask(mask: torch.Tensor, heads: Index, rows: Index) -> torch.Tensor:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     if heads is not None and mask.shape[1] != 1:
-        mask = mask[:, _as_index(heads)]
+        mask = mask[:, as_index(heads)]
     if rows is not None and mask.shape[2] != 1:
-        mask = mask[:, :, _as_index(rows)]
+        mask = mask[:, :, as_index(rows)]
     return mask
 
 

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_common(pa)
         entry.module.add_arguments(pa)
 
+    pd = sub.add_parser("data", help="make data sets")
+    dsub = pd.add_subparsers(dest="dataset", required=True)
+    ps = dsub.add_parser("shapes", help="write the probe-shapes data set (images + annotations.jsonl)")
+    ps.add_argument("--n", type=int, default=1000, help="train images (val and test get n // 8 each)")
+    ps.add_argument("--out", type=Path, required=True)
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--size", type=int, default=64, help="image side in pixels")
+
     pt = sub.add_parser("train", help="train a model")
     tsub = pt.add_subparsers(dest="family", required=True)
     pv = tsub.add_parser("vit", help="train a from-scratch ViT classifier")
@@ -172,6 +180,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from probe.shapes import write_dataset
+
+    t0 = time.perf_counter()
+    out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size)
+    print(f"wrote probe-shapes to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_train_vit(args: argparse.Namespace) -> int:
     from probe.data import load_labelled
     from probe.models.vit import ViT, ViTConfig, save_vit
@@ -210,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_runs(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "data":
+            return cmd_data_shapes(args)
         if args.command == "train":
             return cmd_train_vit(args)
     except (CLIError, registry.UnknownNameError, ImageLoadError, FileNotFoundError, ValueError, KeyError) as e:

@@ -59,6 +59,10 @@ class InputMeta:
         image_size: (height, width) in pixels of the preprocessed image.
         tokens: per batch element, the token strings (text models), or None.
         approximate: True when captured patterns are effective matrices, not softmax weights.
+        flow_hook: for captioners, the name template (``{i}`` = layer) of the pattern whose keys
+            hold the image tokens at the `image` and `cls` spans: ``text.blocks.{i}.xattn.pattern``
+            for cross-attention, ``text.blocks.{i}.attn.pattern`` for joint attention over
+            ``[image; text]`` (GIT, prefix VLM), where the `text` span indexes the same keys.
     """
 
     spans: dict[str, tuple[int, int]]
@@ -66,6 +70,7 @@ class InputMeta:
     image_size: tuple[int, int] | None = None
     tokens: list[list[str]] | None = None
     approximate: bool = False
+    flow_hook: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,6 +85,7 @@ class InputMeta:
             image_size=tuple(d["image_size"]) if d.get("image_size") else None,
             tokens=d.get("tokens"),
             approximate=bool(d.get("approximate", False)),
+            flow_hook=d.get("flow_hook"),
         )
 
 

@@ -44,6 +44,17 @@ class ActivationCache:
         """Every captured value of `name`, in call order."""
         return list(self._data.get(name, []))
 
+    def stack_calls(self, name: str, dim: int = 2) -> torch.Tensor:
+        """Concatenate every call of `name` along `dim` (the query dim of a pattern), zero-padding
+        the last dim to the longest call: generation steps' (b, h, 1, keys_k) rows ->
+        (b, h, steps, max keys). Keys that did not exist yet at a step are 0."""
+        calls = self.calls(name)
+        if not calls:
+            raise KeyError(f"{name!r} was not captured; the cache holds {', '.join(self._data) or 'nothing'}")
+        n = max(c.shape[-1] for c in calls)
+        padded = [torch.nn.functional.pad(c, (0, n - c.shape[-1])) for c in calls]
+        return torch.cat(padded, dim=dim)
+
     def __contains__(self, name: object) -> bool:
         return name in self._data
 

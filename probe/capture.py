@@ -102,6 +102,8 @@ def capture(
                         store(name, reduce_heads(src.compute(heads, rows), reduce))
 
                 handles.append(sites.add_pattern_listener(module, on_pattern))
+                if spec.output_index is not None:
+                    handles.append(sites.bridge_output_pattern(module, spec.output_index))
             elif spec.kind == "output":
 
                 def on_output(_m: nn.Module, _a: Any, out: Any, spec: HookSpec = spec) -> None:
@@ -237,7 +239,14 @@ def intervene(adapter: HasHooks, interventions: Sequence[Intervention]) -> Itera
                 if not targets:
                     raise ValueError(f"MaskTokens: {iv.attention!r} names no attention pattern hook")
                 fn = _token_keep_fn(iv.tokens)
-                handles.extend(sites.add_key_mask(adapter.module(s.module), fn) for s in targets)
+                for s in targets:
+                    module = adapter.module(s.module)
+                    if s.output_index is not None:
+                        if s.mask_arg is None:
+                            raise ValueError(f"{s.name}: this module computes its own attention and its adapter "
+                                             "declares no mask argument, so its keys cannot be masked")
+                        handles.append(sites.route_key_masks(module, s.mask_arg, s.mask_base, s.output_index))
+                    handles.append(sites.add_key_mask(module, fn))
                 continue
             for spec in select(all_specs, iv.hook):
                 handles.append(_install_value_hook(adapter.module(spec.module), spec, iv))

@@ -38,8 +38,19 @@ def open_rgb(path: str | Path) -> Image.Image:
         ) from None
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent pixels are composited on white."""
+def to_rgb(im: Image.Image | np.ndarray) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited on white.
+
+    Also takes a uint8/float numpy array (H, W) or (H, W, 1|3|4); anything else, or an image with
+    no pixels, raises a `ImageLoadError` that says what was expected.
+    """
+    if isinstance(im, np.ndarray):
+        im = _from_array(im)
+    if not isinstance(im, Image.Image):
+        raise ImageLoadError(f"expected a PIL image or a numpy array (H, W[, C]); got {type(im).__name__} "
+                             "(open files with probe.data.open_rgb or load_images)")
+    if im.width < 1 or im.height < 1:
+        raise ImageLoadError(f"image of size {im.width}x{im.height} has no pixels")
     if im.mode == "RGB":
         return im.copy()
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -52,6 +63,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
         a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
         return Image.fromarray(a.astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise ImageLoadError(f"array of shape {a.shape} is not an image: expected (H, W) or (H, W, 1|3|4), "
+                             "channels last")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and 0.0 <= float(a.min()) and float(a.max()) <= 1.0:
+            a = a * 255.0
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
 
 
 def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -89,7 +113,7 @@ def images_to_tensor(
     h, w = (size, size) if isinstance(size, int) else size
     arrs = []
     for im in images:
-        im = to_rgb(im) if im.mode != "RGB" else im
+        im = im if isinstance(im, Image.Image) and im.mode == "RGB" and im.width and im.height else to_rgb(im)
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BICUBIC)
         arrs.append(np.asarray(im, dtype=np.float32) / 255.0)

@@ -41,14 +41,19 @@ def capturing_attention(
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     keep = sites.key_keep(module, query.shape[0], key.shape[2], query.device)
+    alive = None
     if keep is not None:
         add = keep_to_additive(keep, query.dtype)
         base = _additive(attention_mask, query.dtype)
         if base is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
             base = _causal(query.shape[2], key.shape[2], query.dtype, query.device)
         attention_mask = add if base is None else (base + add).clamp_min(torch.finfo(query.dtype).min)
+        alive = sites.alive_rows(attention_mask)  # (b, 1|h, q|1, 1)
     kwargs.pop("output_attentions", None)
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if alive is not None:
+        # a query whose keys were all removed reads nothing (SDPA would spread it uniformly)
+        out = out * alive.any(dim=1, keepdim=True).transpose(1, 2).to(out.dtype)
     if sites.wants_pattern(module):
         mask = _additive(attention_mask, query.dtype)
         if mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
@@ -56,7 +61,7 @@ def capturing_attention(
         n_rep = query.shape[1] // key.shape[1]
         k = repeat_kv(key, n_rep) if n_rep > 1 else key
         scale = kwargs.get("scaling")
-        sites.emit_pattern(module, PatternSource(query, k, scale, mask))
+        sites.emit_pattern(module, PatternSource(query, k, scale, mask, zero_dead_rows=alive is not None))
     return out, None
 
 
@@ -70,7 +75,11 @@ def register() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
         AttentionInterface.register(NAME, capturing_attention)
+        # without a mask function of its own, transformers builds no mask at all for a custom
+        # attention name (padding would be ignored); ours takes the same masks as SDPA
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
         _registered = True
     return NAME

@@ -8,7 +8,8 @@ Names (shapes in brackets):
   output projection (concatenated heads; `HookSpec.n_heads` says how to split them)
 - ``vision.blocks.{i}.resid_post``    (batch, tokens, dim)
 - ``text.blocks.{i}.attn.pattern``, ``text.blocks.{i}.xattn.pattern`` (batch, heads, text, image),
-  ``text.blocks.{i}.resid_post``
+  ``text.blocks.{i}.attn.z``, ``text.blocks.{i}.xattn.z`` (per-head outputs of the self- and
+  cross-attention), ``text.blocks.{i}.resid_post``
 - ``fusion.proj`` (batch, image tokens, d_model) for a projection between vision and text
 """
 
@@ -28,6 +29,7 @@ VISION_RESID_POST = "vision.blocks.{i}.resid_post"
 TEXT_PATTERN = "text.blocks.{i}.attn.pattern"
 TEXT_XATTN_PATTERN = "text.blocks.{i}.xattn.pattern"
 TEXT_Z = "text.blocks.{i}.attn.z"
+TEXT_XATTN_Z = "text.blocks.{i}.xattn.z"
 TEXT_RESID_POST = "text.blocks.{i}.resid_post"
 FUSION_PROJ = "fusion.proj"
 
@@ -47,7 +49,14 @@ class HookSpec:
         n_heads: number of heads, for hooks whose last dimension concatenates heads.
         approximate: for patterns, True when the stored matrix is the *effective* token-by-token
             matrix of an approximate attention (Linformer, Performer, ...), not a softmax.
-        output_index: for modules that return tuples, which element is the tensor.
+        output_index: for modules that return tuples, which element is the tensor. For a
+            ``pattern`` hook it marks a module that computes its own probabilities and returns them
+            at that index (BLIP, GIT's text stack): a forward hook reads them, no recomputation.
+        mask_arg: for such modules, the keyword argument through which the module takes its
+            additive attention mask; interventions that remove keys add to it (see `MaskTokens`).
+        mask_base: the argument that holds the mask the model passed (default: `mask_arg`). BLIP's
+            cross-attention receives its mask as ``attention_mask`` but reads
+            ``encoder_attention_mask``, which transformers 5.23 leaves None.
     """
 
     name: str
@@ -57,6 +66,8 @@ class HookSpec:
     n_heads: int | None = None
     approximate: bool = False
     output_index: int | None = None
+    mask_arg: str | None = None
+    mask_base: str | None = None
 
     @property
     def layer(self) -> int | None:

@@ -39,6 +39,8 @@ class PatternSource:
         compute: ``compute(heads, rows) -> (batch, len(heads), len(rows), n_key)`` replacing
             the exact softmax, for approximate kinds.
         approximate: True when the pattern is an effective matrix, not a softmax.
+        zero_dead_rows: rows whose keys are all masked become zero, not uniform (set when an
+            intervention removed keys: a query with nothing left to attend to reads nothing).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class PatternSource:
         compute: Callable[[Index, Index], torch.Tensor] | None = None,
         approximate: bool = False,
         n_heads: int | None = None,
+        zero_dead_rows: bool = False,
     ) -> None:
         if compute is None and (query is None or key is None):
             raise ValueError("PatternSource needs query and key, or a compute function")
@@ -58,6 +61,7 @@ class PatternSource:
         self.scale = scale if scale is not None else (query.shape[-1] ** -0.5 if query is not None else 1.0)
         self._compute = compute
         self.approximate = approximate
+        self.zero_dead_rows = zero_dead_rows
         self.n_heads = n_heads if n_heads is not None else (query.shape[1] if query is not None else None)
 
     def compute(self, heads: Index = None, rows: Index = None) -> torch.Tensor:
@@ -67,9 +71,11 @@ class PatternSource:
         q = select_rows(select_heads(self.query, heads), rows)
         k = select_heads(self.key, heads)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        if self.mask is not None:
-            scores = scores + select_mask(self.mask, heads, rows)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if self.mask is None:
+            return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        mask = select_mask(self.mask, heads, rows)
+        p = torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
+        return p * alive_rows(mask).to(p.dtype) if self.zero_dead_rows else p
 
 
 def as_index(idx: Index) -> slice | torch.Tensor | list[int]:
@@ -101,6 +107,11 @@ def select_mask(mask: torch.Tensor, heads: Index, rows: Index) -> torch.Tensor:
     if rows is not None and mask.shape[2] != 1:
         mask = mask[:, :, as_index(rows)]
     return mask
+
+
+def alive_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (..., q, 1): whether a row of an additive mask (..., q, k) keeps at least one key."""
+    return (mask > torch.finfo(mask.dtype).min / 2).any(dim=-1, keepdim=True)
 
 
 class AttentionSite(nn.Module):
@@ -191,4 +202,125 @@ def keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def active_site_count() -> int:
     """Number of modules with anything attached (0 outside every capture/intervene context)."""
-    return len(_pattern_listeners) + len(_key_masks)
+    return len(_pattern_listeners) + len(_key_masks) + len(_bridges)
+
+
+# ------------------------------------------------------- modules that compute attention themselves
+# BLIP and GIT's text stack compute softmax(QK^T + mask) in their own forward and return the
+# probabilities. Two refcounted torch hooks make them attention sites like the others: a forward
+# hook emits the returned probabilities to pattern listeners, and a forward pre-hook adds the key
+# masks of interventions to the module's mask argument (with a post-hook that zeroes rows left
+# with no key, as `PatternSource.zero_dead_rows` does).
+
+_bridges: weakref.WeakKeyDictionary[nn.Module, dict[str, list]] = weakref.WeakKeyDictionary()
+
+
+class _BridgeHandle:
+    def __init__(self, module: nn.Module, key: str) -> None:
+        self._module, self._key, self._done = weakref.ref(module), key, False
+
+    def remove(self) -> None:
+        module = self._module()
+        if self._done or module is None:
+            return
+        self._done = True
+        entry = _bridges.get(module, {}).get(self._key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            for h in entry[1]:
+                h.remove()
+            del _bridges[module][self._key]
+            if not _bridges[module]:
+                del _bridges[module]
+
+
+def _refcounted(module: nn.Module, key: str, install: Callable[[], list]) -> _BridgeHandle:
+    entries = _bridges.setdefault(module, {})
+    if key in entries:
+        entries[key][0] += 1
+    else:
+        entries[key] = [1, install()]
+    return _BridgeHandle(module, key)
+
+
+def bridge_output_pattern(module: nn.Module, output_index: int) -> _BridgeHandle:
+    """Emit the probabilities `module` returns at `output_index` (batch, heads, q, k) as its pattern."""
+
+    def install() -> list:
+        def hook(m: nn.Module, _args: tuple, out: tuple) -> None:
+            if not wants_pattern(m):
+                return
+            probs = out[output_index]
+
+            def compute(heads: Index, rows: Index) -> torch.Tensor:
+                return select_rows(select_heads(probs, heads), rows).float()
+
+            emit_pattern(m, PatternSource(compute=compute, n_heads=probs.shape[1]))
+
+        return [module.register_forward_hook(hook)]
+
+    return _refcounted(module, f"pattern@{output_index}", install)
+
+
+def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, output_index: int) -> _BridgeHandle:
+    """Make a self-computing attention module honour `add_key_mask`: before its forward, the key
+    masks are added to the additive mask it reads from `mask_arg` (starting from the mask found
+    in `mask_base`, default `mask_arg`); after it, rows with no key left are zeroed in its
+    context output (index 0) and probabilities (`output_index`).
+
+    The number of keys is read from ``encoder_hidden_states`` (cross-attention) or else from the
+    last dimension of the base mask.
+    """
+    import inspect
+
+    sig = inspect.signature(module.forward)
+    for arg in {mask_arg, mask_base or mask_arg}:
+        if arg not in sig.parameters:
+            raise TypeError(f"{type(module).__name__}.forward has no argument {arg!r} to route a key mask through")
+
+    def install() -> list:
+        state: dict[str, torch.Tensor | None] = {"alive": None}
+
+        def pre(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state["alive"] = None
+            if m not in _key_masks:
+                return None
+            bound = sig.bind(*args, **kwargs)
+            hidden = next(iter(bound.arguments.values()))
+            base = bound.arguments.get(mask_base or mask_arg)
+            enc = bound.arguments.get("encoder_hidden_states")
+            if enc is not None:
+                n_keys = enc.shape[1]
+            elif base is not None:
+                n_keys = base.shape[-1]
+            else:
+                raise RuntimeError(f"{type(m).__name__}: cannot tell how many keys to mask (no mask, no encoder states)")
+            dtype = base.dtype if base is not None and base.is_floating_point() else hidden.dtype
+            keep = key_keep(m, hidden.shape[0], n_keys, hidden.device)
+            add = keep_to_additive(keep, dtype)
+            if base is not None and base.dtype == torch.bool:
+                base = torch.zeros(base.shape, dtype=dtype, device=base.device).masked_fill_(~base, torch.finfo(dtype).min)
+            mask = add if base is None else (base.to(dtype) + add).clamp_min(torch.finfo(dtype).min)
+            bound.arguments[mask_arg] = mask
+            state["alive"] = alive_rows(mask)  # (b, 1|h, q|1, 1)
+            return bound.args, bound.kwargs
+
+        def post(_m: nn.Module, _args: tuple, out: tuple) -> tuple | None:
+            alive = state["alive"]
+            if alive is None:
+                return None
+            state["alive"] = None
+            ctx, probs = out[0], out[output_index]
+            probs = probs * alive.to(probs.dtype)
+            row = alive.any(dim=1).to(ctx.dtype)  # (b, q|1, 1): a row is dead in every head alike
+            ctx = ctx * row
+            new = list(out)
+            new[0], new[output_index] = ctx, probs
+            return tuple(new)
+
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post, prepend=True)]
+
+    return _refcounted(module, f"mask:{mask_arg}", install)

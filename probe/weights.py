@@ -52,18 +52,31 @@ def load_hf(
     *,
     hub_id: str,
     model_name: str,
+    demo: Path | None = None,
 ) -> tuple[Any, WeightsInfo, str]:
     """Resolve `weights` and load a model.
 
     Args:
         load: ``load(ref, local_files_only) -> model`` (a ``from_pretrained`` call).
         build_random: builds the architecture with random weights.
-        weights: ``auto`` | ``pretrained`` | ``random`` | a hub id | a local folder.
+        weights: ``auto`` | ``pretrained`` | ``demo`` | ``random`` | a hub id | a local folder.
         hub_id: the published checkpoint of this family.
+        demo: the bundled demo checkpoint folder of this family, if one is bundled.
+
+    ``auto`` tries the local Hugging Face cache, then the hub (unless ``HF_HUB_OFFLINE=1`` or the
+    host is unreachable), then the bundled demo weights, and only then random weights, with a
+    warning; the returned `WeightsInfo` always says which.
 
     Returns:
         (model, weights info, the reference its processor should be loaded from or "").
     """
+    if weights == "demo":
+        if demo is None or not demo.is_dir():
+            raise WeightsNotFound(
+                f"{model_name}: no demo weights are bundled for this family yet; use --weights random, "
+                f"a folder written by save_pretrained, or {hub_id} where a network is available")
+        model = load(str(demo), True)
+        return model, WeightsInfo("demo", str(demo), files_sha256(_weight_files(demo))), str(demo)
     if weights == "random":
         model = build_random()
         return model, WeightsInfo("random", "random init", state_dict_sha256(model)), ""
@@ -88,8 +101,14 @@ def load_hf(
             tried.append(f"{'local cache' if local_only else 'the hub'} ({type(e).__name__})")
             continue
         return model, WeightsInfo("hub", ref, state_dict_sha256(model)), ref
+    if weights == "auto" and demo is not None and demo.is_dir():
+        log.warning("%s: %s not found (%s); using the bundled demo weights", model_name, ref, "; ".join(tried))
+        model = load(str(demo), True)
+        note = f"{ref} unavailable: tried {'; '.join(tried)}"
+        return model, WeightsInfo("demo", str(demo), files_sha256(_weight_files(demo)), note), str(demo)
     if weights == "auto":
-        log.warning("%s: %s not found (%s); using random weights", model_name, ref, "; ".join(tried))
+        log.warning("%s: %s not found (%s) and no demo weights are bundled; using RANDOM weights",
+                    model_name, ref, "; ".join(tried))
         model = build_random()
         note = f"{ref} unavailable: tried {'; '.join(tried)}"
         return model, WeightsInfo("random", "random init (auto fallback)", state_dict_sha256(model), note), ""

@@ -14,6 +14,7 @@ that predicted token k. Vision patterns are captured once per image, whole.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +27,9 @@ from PIL import Image
 from probe import hf_attention
 from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo
 from probe.cache import ActivationCache
-from probe.capture import HeadReduction, Intervention, MaskTokens, capture
+from probe.capture import HeadReduction, Intervention, MaskTokens
 from probe.data import to_rgb
-from probe.hooks import select
+from probe.generation import capture_generation, generated_tokens
 from probe.models.zoo import demo_path
 from probe.weights import hub_reachable, load_hf, offline
 
@@ -309,19 +310,10 @@ class HFCaptionerAdapter(ModelAdapter):
         return self._decode(out[:, self.prompt_len :])
 
     def _decode(self, new: torch.Tensor) -> dict[str, Any]:
-        eos, pad = self.specials.eos, self.specials.pad
-        tokens, text = [], []
-        for row in new.tolist():
-            n = len(row)
-            for j, t in enumerate(row):
-                if t == eos:
-                    n = j + 1
-                    break
-            kept = row[:n]
-            while kept and kept[-1] == pad and pad != eos:
-                kept.pop()
-            tokens.append(self.tokenizer.convert_ids_to_tokens(kept))
-            text.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
+        sp = self.specials
+        tokens = generated_tokens(new, sp.eos, sp.pad, self.tokenizer.convert_ids_to_tokens)
+        text = [self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(t), skip_special_tokens=True).strip()
+                for t in tokens]
         return {"ids": new, "tokens": tokens, "text": text}
 
     @torch.no_grad()
@@ -336,29 +328,17 @@ class HFCaptionerAdapter(ModelAdapter):
         dtype: torch.dtype | None = torch.float32,
         device: str | torch.device | None = "cpu",
     ) -> tuple[dict[str, Any], ActivationCache]:
-        """Greedy captions with the hooks matching `hooks` captured during generation (KV cache on).
-
-        Vision hooks fire once per batch. Text pattern hooks keep, per forward call, only the newest
-        query row: ``cache.calls(name)[k]`` is (b, heads, 1, keys_k), the row that predicted
-        generated token k; `ActivationCache.stack_calls` assembles them into (b, heads, steps, keys).
+        """Greedy captions with the hooks matching `hooks` captured during generation (KV cache on);
+        see `probe.generation.capture_generation` for what each call holds.
 
         Returns:
             (captions as `caption` returns them, cache with ``meta.tokens`` the generated tokens).
         """
-        batch = self.preprocess(images)
-        specs = select(self.hook_specs(), hooks)
-        vision = [s.name for s in specs if s.name.startswith("vision.") or not s.name.startswith("text.")]
-        text = [s.name for s in specs if s.name.startswith("text.")]
-        cache = ActivationCache()
-        kw = {"heads": heads, "reduce": reduce, "dtype": dtype, "device": device, "cache": cache}
-        with capture(self, vision or [], **kw) if vision else _null(), capture(self, text, rows=[-1], **kw) if text else _null():
-            out = self._generate(batch["pixel_values"], max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        cache.selection = {"heads": heads, "rows": "newest query row per generation step (text patterns)",
-                           "reduce_heads": reduce}
+        px = self.preprocess(images)["pixel_values"]
+        with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
+            out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         caps = self._decode(out[:, self.prompt_len :])
-        meta = self.input_meta({"pixel_values": batch["pixel_values"]})
-        cache.meta = InputMeta(spans=meta.spans, grid=meta.grid, image_size=meta.image_size, tokens=caps["tokens"],
-                               flow_hook=meta.flow_hook)
+        cache.meta = dataclasses.replace(self.input_meta({"pixel_values": px}), tokens=caps["tokens"])
         return caps, cache
 
     def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
@@ -369,14 +349,6 @@ class HFCaptionerAdapter(ModelAdapter):
         """
         tokens: Any = list(range(self.n_image_tokens)) if removed is None else removed
         return [MaskTokens(tokens, attention=self.flow_hook.format(i="*"))]
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _vocab_size(model: Any) -> int:

@@ -7,6 +7,7 @@ Checkpoint folder: ``config.json`` (``{"probe_model": KIND, "config": ..., "visi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -20,8 +21,10 @@ from torch import nn
 
 from probe import hf_attention
 from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, files_sha256, state_dict_sha256
-from probe.capture import Intervention, MaskTokens
+from probe.cache import ActivationCache
+from probe.capture import HeadReduction, Intervention, MaskTokens
 from probe.data import images_to_tensor
+from probe.generation import capture_generation, generated_tokens
 from probe.hooks import (
     FUSION_PROJ,
     TEXT_PATTERN,
@@ -89,12 +92,44 @@ class CharCaptionerAdapter(ModelAdapter):
 
     @torch.no_grad()
     def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 32, num_beams: int = 1) -> dict[str, Any]:
-        """Greedy captions: ``{"ids": (b, T) tensor, "tokens": [[str]], "text": [str]}``."""
+        """Greedy captions: ``{"ids": (b, new tokens), "tokens": [[str]] up to and including <eos>,
+        "text": [str]}``, the same contract as the transformers captioners."""
         if num_beams != 1:
             raise ValueError("our character captioners decode greedily; use num_beams=1")
         ids = self.model.generate(self.preprocess(images)["pixel_values"], max_new_tokens)
-        return {"ids": ids, "tokens": [self.tokenizer.tokens(r) for r in ids],
-                "text": [self.tokenizer.decode(r) for r in ids]}
+        return self._decode(ids[:, 1:])
+
+    def _decode(self, new: torch.Tensor) -> dict[str, Any]:
+        tok = self.tokenizer
+        tokens = generated_tokens(new, tok.eos_id, tok.pad_id, tok.tokens)
+        return {"ids": new, "tokens": tokens, "text": [tok.decode(tok.stoi[c] for c in t) for t in tokens]}
+
+    @torch.no_grad()
+    def generate_with_cache(
+        self,
+        images: Sequence[Image.Image],
+        hooks: str | Sequence[str] = "*.pattern",
+        *,
+        max_new_tokens: int = 32,
+        heads: Any = None,
+        reduce: HeadReduction | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device | None = "cpu",
+    ) -> tuple[dict[str, Any], ActivationCache]:
+        """Greedy captions with hooks captured during generation; see
+        `probe.generation.capture_generation` (our decoders re-run the prefix, no KV cache: the
+        newest query row is the last one all the same)."""
+        px = self.preprocess(images)["pixel_values"]
+        with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
+            ids = self.model.generate(px, max_new_tokens)
+        caps = self._decode(ids[:, 1:])
+        cache.meta = dataclasses.replace(self.input_meta({"pixel_values": px}), tokens=caps["tokens"])
+        return caps, cache
+
+    @property
+    def flow_hook(self) -> str:
+        """Name template of the pattern whose keys hold the image tokens."""
+        raise NotImplementedError
 
     def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
         ids = batch.get("input_ids")
@@ -105,6 +140,7 @@ class CharCaptionerAdapter(ModelAdapter):
             spans={"cls": (0, 1), "image": (1, self.n_image_tokens), "text": (t0, t0 + nt)},
             grid=(g, g), image_size=(self.image_size, self.image_size),
             tokens=None if ids is None else [self.tokenizer.tokens(r) for r in ids],
+            flow_hook=self.flow_hook,
         )
 
     def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
@@ -211,6 +247,10 @@ class PrefixVLMAdapter(CharCaptionerAdapter):
     def text_offset(self) -> int:
         return self.model.n_prefix
 
+    @property
+    def flow_hook(self) -> str:
+        return "text.blocks.{i}.attn.pattern"
+
     def hook_specs(self) -> list[HookSpec]:
         cfg = self.model.cfg
         specs = vision_specs(self.model.vision.config, "vision.")
@@ -275,6 +315,10 @@ class MMCAAdapter(CharCaptionerAdapter):
     @property
     def n_image_tokens(self) -> int:
         return self.model.n_image_tokens
+
+    @property
+    def flow_hook(self) -> str:
+        return "text.blocks.{i}.xattn.pattern"
 
     def hook_specs(self) -> list[HookSpec]:
         cfg = self.model.cfg

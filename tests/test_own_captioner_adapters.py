@@ -91,3 +91,19 @@ def test_conditioning_adapter_hooks_and_image_masking(rgb_images):
     other = a.preprocess(rgb_images[1:] + rgb_images[:1], ["red", "blue square", ""])
     with torch.no_grad(), intervene(a, a.mask_image_tokens()):
         torch.testing.assert_close(a.forward(batch), a.forward(other), atol=0, rtol=0)
+
+
+def test_generate_with_cache_rows_equal_teacher_forced_rows(adapter, rgb_images):
+    caps = adapter.caption(rgb_images[:2], max_new_tokens=5)
+    got, cache = adapter.generate_with_cache(rgb_images[:2], max_new_tokens=5)
+    assert got["text"] == caps["text"] and cache.meta.tokens == caps["tokens"]
+    steps = caps["ids"].shape[1]
+    bos = torch.full((2, 1), adapter.tokenizer.bos_id)
+    batch = {"pixel_values": adapter.preprocess(rgb_images[:2])["pixel_values"],
+             "input_ids": torch.cat([bos, caps["ids"][:, :-1]], 1)}
+    with torch.no_grad(), capture(adapter, "text.*.pattern") as full:
+        adapter.forward(batch)
+    off = adapter.text_offset()
+    for n in full.names():
+        rows = cache.stack_calls(n)
+        torch.testing.assert_close(rows, full[n][:, :, off : off + steps, : rows.shape[-1]], atol=1e-5, rtol=0)

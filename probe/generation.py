@@ -1,0 +1,58 @@
+"""Capture during autoregressive generation, for any captioner adapter.
+
+Generation runs one forward per new token (with a KV cache, or re-running the prefix: either way
+the newest query row is the last one). Vision hooks are captured whole (they fire once per image);
+text pattern hooks keep only the newest query row of every forward, so call ``k`` of a text pattern
+is the row (b, heads, 1, keys_k) that predicted generated token ``k``.
+`ActivationCache.stack_calls` assembles them into (b, heads, steps, keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+from probe.cache import ActivationCache
+from probe.capture import HasHooks, HeadReduction, capture
+from probe.hooks import select
+
+
+@contextmanager
+def capture_generation(
+    adapter: HasHooks,
+    hooks: str | Sequence[str] = "*.pattern",
+    *,
+    heads: Any = None,
+    reduce: HeadReduction | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device | None = "cpu",
+) -> Iterator[ActivationCache]:
+    """Capture the hooks matching `hooks` while a generation loop runs inside the block."""
+    specs = select(adapter.hook_specs(), hooks)
+    text = [s.name for s in specs if s.name.startswith("text.")]
+    other = [s.name for s in specs if not s.name.startswith("text.")]
+    cache = ActivationCache()
+    kw: dict[str, Any] = {"heads": heads, "reduce": reduce, "dtype": dtype, "device": device, "cache": cache}
+    with ExitStack() as stack:
+        if other:
+            stack.enter_context(capture(adapter, other, **kw))
+        if text:
+            stack.enter_context(capture(adapter, text, rows=[-1], **kw))
+        yield cache
+    cache.selection = {"heads": heads, "rows": "text patterns: the newest query row of each generation step",
+                       "reduce_heads": reduce}
+
+
+def generated_tokens(new: torch.Tensor, eos: int, pad: int, to_tokens: Callable[[list[int]], list[str]]) -> list[list[str]]:
+    """Per row of generated ids (b, steps): token strings up to and including the first `eos`."""
+    out = []
+    for row in new.tolist():
+        n = next((j + 1 for j, t in enumerate(row) if t == eos), len(row))
+        kept = row[:n]
+        while kept and kept[-1] == pad and pad != eos:
+            kept.pop()
+        out.append(to_tokens(kept))
+    return out

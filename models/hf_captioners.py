@@ -352,7 +352,7 @@ class HFCaptionerAdapter(ModelAdapter):
 
 
 def _vocab_size(model: Any) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
+    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def _auto_tokenizer(ref: str, local_only: bool) -> Any:

@@ -41,8 +41,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _add_run_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL}); see `probe models`")
+def _add_run_common(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"registered model (default: {default}); see `probe models`")
     p.add_argument("--weights", default="auto",
                    help="auto | random | pretrained | demo | a hub id | a local folder (default auto)")
     p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders (default: bundled samples)")
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     arun = prun.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     for name, entry in registry.analyses().items():
         pa = arun.add_parser(name, help=entry.summary)
-        _add_run_common(pa)
+        _add_run_common(pa, getattr(entry.module, "DEFAULT_MODEL", DEFAULT_MODEL))
         entry.module.add_arguments(pa)
 
     pd = sub.add_parser("data", help="make data sets")
@@ -140,7 +141,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     entry = registry.analysis_entry(args.analysis)
-    model_entry = registry.model_entry(args.model)  # fails early, listing the known models
+    model_name = args.model or getattr(entry.module, "DEFAULT_MODEL", DEFAULT_MODEL)
+    model_entry = registry.model_entry(model_name)  # fails early, listing the known models
+    check = getattr(entry.module, "check", None)
+    why = check(model_entry.capabilities) if check else None
+    if why:  # before loading any weights
+        raise CLIError(why)
     torch.manual_seed(args.seed)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     paths = args.images or bundled_images()

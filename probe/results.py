@@ -117,3 +117,63 @@ class AttentionResult(Result):
         lo, hi = meta.spans["image"]
         p = self.pattern(layer).float().mean(dim=1)[:, q, lo:hi]
         return p.reshape(p.shape[0], *meta.grid)
+
+
+@dataclass(frozen=True)
+class FlowResult(Result):
+    """Text->image attention of every generated caption token (see `probe.analyses.flow`).
+
+    Fields:
+        model: registered model name.
+        image_names: one per image (images,).
+        meta: `InputMeta.to_dict()`: spans of the flow pattern's keys (``image``, ``cls``, and
+            ``text`` for joint attention), patch grid, image size, ``flow_hook``.
+        layers: text block indices.
+        tokens: per image, the generated tokens up to and including the end token (steps_i,).
+        captions: per image, the decoded caption.
+        fusion: the family's fusion kind; joint: True when rows come from a joint self-attention.
+        top_patches: per image and token, the top patch indices (row-major on the grid) of the
+            layer-mean patch attention.
+    Arrays:
+        ``flow.rows``: (images, layers, steps, keys) head-mean attention row of each step.
+        ``flow.image_mass``, ``flow.cls_mass``: (images, steps, layers) mass on patches / on CLS.
+        ``flow.text_mass``: (images, steps, layers), joint attention only.
+        ``input.image``: (images, H, W, 3) uint8.
+    """
+
+    kind: ClassVar[str] = "flow"
+    schema_version: ClassVar[int] = 1
+    model: str = ""
+    image_names: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    tokens: list[list[str]] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    fusion: str = ""
+    joint: bool = False
+    top_patches: list[list[list[int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        b = len(self.image_names)
+        rows = self.arrays.get("flow.rows")
+        if rows is None or rows.dim() != 4 or rows.shape[0] != b or rows.shape[1] != len(self.layers):
+            shape = None if rows is None else tuple(rows.shape)
+            raise ValueError(f"flow.rows must be (images={b}, layers={len(self.layers)}, steps, keys); got {shape}")
+        if len(self.tokens) != b or len(self.captions) != b:
+            raise ValueError("one token list and one caption per image")
+        if any(len(t) > rows.shape[2] for t in self.tokens):
+            raise ValueError("more tokens than captured steps")
+
+    def input_meta(self) -> InputMeta:
+        return InputMeta.from_dict(self.meta)
+
+    def patch_maps(self, image: int, layer: int | None = None) -> torch.Tensor:
+        """Head-mean attention of each generated token on the patches, on the grid:
+        (steps_i, rows, cols); mean over layers, or one `layer`."""
+        meta = self.input_meta()
+        if meta.grid is None:
+            raise ValueError("this result has no patch grid")
+        lo, hi = meta.spans["image"]
+        rows = self.arrays["flow.rows"][image, :, : len(self.tokens[image]), lo:hi].float()
+        m = rows.mean(0) if layer is None else rows[self.layers.index(layer)]
+        return m.reshape(m.shape[0], *meta.grid)

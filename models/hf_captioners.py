@@ -298,15 +298,18 @@ class HFCaptionerAdapter(ModelAdapter):
         return self._logits(batch["pixel_values"], ids, mask)
 
     @torch.no_grad()
-    def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 20, num_beams: int = 1) -> dict[str, Any]:
-        """Captions of a batch of images with the family's own generate.
+    def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 20, num_beams: int = 1,
+                **generate_kwargs: Any) -> dict[str, Any]:
+        """Captions of a batch of images with the family's own generate (greedy or beam search;
+        `generate_kwargs` go to transformers' ``generate``, e.g. ``min_new_tokens``).
 
         Returns:
             ``{"ids": (b, new tokens) tensor, "tokens": [[str]] up to and including the end token,
             "text": [str]}``.
         """
         px = self.preprocess(images)["pixel_values"]
-        out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
         return self._decode(out[:, self.prompt_len :])
 
     def _decode(self, new: torch.Tensor) -> dict[str, Any]:
@@ -327,16 +330,18 @@ class HFCaptionerAdapter(ModelAdapter):
         reduce: HeadReduction | None = None,
         dtype: torch.dtype | None = torch.float32,
         device: str | torch.device | None = "cpu",
+        **generate_kwargs: Any,
     ) -> tuple[dict[str, Any], ActivationCache]:
         """Greedy captions with the hooks matching `hooks` captured during generation (KV cache on);
-        see `probe.generation.capture_generation` for what each call holds.
+        see `probe.generation.capture_generation` for what each call holds. Beam search is not
+        offered here: beams reorder the batch between steps, so per-step rows would mix beams.
 
         Returns:
             (captions as `caption` returns them, cache with ``meta.tokens`` the generated tokens).
         """
         px = self.preprocess(images)["pixel_values"]
         with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
-            out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+            out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **generate_kwargs)
         caps = self._decode(out[:, self.prompt_len :])
         cache.meta = dataclasses.replace(self.input_meta({"pixel_values": px}), tokens=caps["tokens"])
         return caps, cache

@@ -40,7 +40,7 @@ def capture_generation(
         if other:
             stack.enter_context(capture(adapter, other, **kw))
         if text:
-            stack.enter_context(capture(adapter, text, rows=[-1], **kw))
+            stack.enter_context(capture(adapter, text, rows=slice(-1, None), **kw))  # a view, no copy
         yield cache
     cache.selection = {"heads": heads, "rows": "text patterns: the newest query row of each generation step",
                        "reduce_heads": reduce}

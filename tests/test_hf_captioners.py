@@ -332,3 +332,15 @@ def test_clear_errors(folders, tmp_path, monkeypatch, images):
         adapter.caption(["cat.png"])
     with pytest.raises(ValueError, match="one caption per image"):
         adapter.preprocess(images, "a red circle")
+
+
+def test_auto_falls_back_to_bundled_demo_weights_and_says_so(folders, monkeypatch, caplog):
+    import probe.models.hf_captioners as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "demo_path", lambda name: folders[name])
+    adapter = GitAdapter.load(weights="auto")
+    assert adapter.weights.source == "demo" and adapter.weights.ref == str(folders["git"])
+    assert "HF_HUB_OFFLINE" in adapter.weights.note and adapter.weights.sha256
+    assert "using the bundled demo weights" in caplog.text
+    assert GitAdapter.load(weights="demo").weights.source == "demo"

@@ -142,6 +142,20 @@ class BlipAdapter(HFCaptionerAdapter):
         return specs
 
 
+    def param_groups(self) -> dict[str, list[str]]:
+        lay = "text_decoder.bert.encoder.layer"
+        n = self.model.config.text_config.num_hidden_layers
+        return {
+            "vision": ["vision_model"],
+            "embeddings": ["text_decoder.bert.embeddings"],
+            "text_self_attention": [f"{lay}.{i}.attention" for i in range(n)],
+            # query/key/value, output dense and LayerNorm: plain BERT cross-attention, no gate
+            "cross_attention": [f"{lay}.{i}.crossattention" for i in range(n)],
+            "feed_forward": [p for i in range(n) for p in (f"{lay}.{i}.intermediate", f"{lay}.{i}.output")],
+            "fusion": [],
+            "head": ["text_decoder.cls"],
+        }
+
 def register() -> None:
     from probe.registry import register_model
 

@@ -147,6 +147,21 @@ class GitAdapter(HFCaptionerAdapter):
         return specs
 
 
+    def param_groups(self) -> dict[str, list[str]]:
+        lay = "git.encoder.layer"
+        n = self.model.config.num_hidden_layers
+        fusion = ["git.visual_projection"] + (["git.img_temporal_embedding"]
+                                              if hasattr(self.model.git, "img_temporal_embedding") else [])
+        return {
+            "vision": ["git.image_encoder"],
+            "fusion": fusion,
+            "embeddings": ["git.embeddings"],
+            "text_self_attention": [f"{lay}.{i}.attention" for i in range(n)],
+            "cross_attention": [],
+            "feed_forward": [p for i in range(n) for p in (f"{lay}.{i}.intermediate", f"{lay}.{i}.output")],
+            "head": ["output"],
+        }
+
 def register() -> None:
     from probe.registry import register_model
 

@@ -169,6 +169,14 @@ class HFCaptionerAdapter(ModelAdapter):
         info = WeightsInfo("random", f"tiny {cls.name}, seed={seed}", state_dict_sha256(model))
         return cls(model, cls._image_processor(None, model), tok, info)
 
+    @classmethod
+    def on_meta(cls, config: Any = None) -> HFCaptionerAdapter:
+        """The published architecture (or `config`) on the meta device: no weights, no memory, no
+        download; for parameter and FLOP accounting. It cannot run on real inputs."""
+        with torch.device("meta"):
+            model = cls._from_config(copy.deepcopy(config) if config is not None else cls.published_config())
+        return cls(model, None, None, WeightsInfo("meta", "published config, no weights"))
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(

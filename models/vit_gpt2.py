@@ -126,6 +126,19 @@ class ViTGPT2Adapter(HFCaptionerAdapter):
         return specs
 
 
+    def param_groups(self) -> dict[str, list[str]]:
+        dec = "decoder.transformer"
+        n = self.model.config.decoder.n_layer
+        return {
+            "vision": ["encoder"],
+            "fusion": ["enc_to_dec_proj"] if hasattr(self.model, "enc_to_dec_proj") else [],
+            "embeddings": [f"{dec}.wte", f"{dec}.wpe"],
+            "text_self_attention": [p for i in range(n) for p in (f"{dec}.h.{i}.attn", f"{dec}.h.{i}.ln_1")],
+            "cross_attention": [p for i in range(n) for p in (f"{dec}.h.{i}.crossattention", f"{dec}.h.{i}.ln_cross_attn")],
+            "feed_forward": [p for i in range(n) for p in (f"{dec}.h.{i}.mlp", f"{dec}.h.{i}.ln_2")],
+            "head": [f"{dec}.ln_f", "decoder.lm_head"],
+        }
+
 def register() -> None:
     from probe.registry import register_model
 

@@ -22,6 +22,9 @@ from probe.hooks import HookSpec
 
 Fusion = Literal["none", "cross_attention", "prefix", "mmca"]
 
+#: parameter groups an adapter can declare (see `ModelAdapter.param_groups`)
+PARAM_GROUPS = ("vision", "embeddings", "text_self_attention", "cross_attention", "feed_forward", "fusion", "head")
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -188,6 +191,15 @@ class ModelAdapter(abc.ABC):
             out = self.forward(batch)
         cache.meta = self.input_meta(batch)
         return out, cache
+
+    def param_groups(self) -> dict[str, list[str]]:
+        """Module paths per parameter group (`PARAM_GROUPS`), for parameter accounting.
+
+        A parameter belongs to the group of the longest declared path that contains it; every
+        parameter must be covered (`probe.analyses.ca_params` checks). Families declare this so
+        that no analysis guesses from parameter names.
+        """
+        raise NotImplementedError(f"{self.name} declares no parameter groups")
 
     def module(self, path: str) -> nn.Module:
         """The native module at a dotted path; a clear error when there is none."""

@@ -14,7 +14,6 @@ that predicted token k. Vision patterns are captured once per image, whole.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo
 from probe.cache import ActivationCache
 from probe.capture import HeadReduction, Intervention, MaskTokens
 from probe.data import to_rgb
-from probe.generation import capture_generation, generated_tokens
+from probe.generation import generate_and_capture, generated_tokens
 from probe.models.zoo import demo_path
 from probe.weights import hub_reachable, load_hf, offline
 
@@ -348,11 +347,13 @@ class HFCaptionerAdapter(ModelAdapter):
             (captions as `caption` returns them, cache with ``meta.tokens`` the generated tokens).
         """
         px = self.preprocess(images)["pixel_values"]
-        with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
+
+        def generate() -> torch.Tensor:
             out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **generate_kwargs)
-        caps = self._decode(out[:, self.prompt_len :])
-        cache.meta = dataclasses.replace(self.input_meta({"pixel_values": px}), tokens=caps["tokens"])
-        return caps, cache
+            return out[:, self.prompt_len :]
+
+        return generate_and_capture(self, px, generate, self._decode, hooks, heads=heads, reduce=reduce,
+                                    dtype=dtype, device=device)
 
     def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
         """Interventions that remove image tokens from everything the text attends to.

@@ -7,7 +7,6 @@ Checkpoint folder: ``config.json`` (``{"probe_model": KIND, "config": ..., "visi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, fi
 from probe.cache import ActivationCache
 from probe.capture import HeadReduction, Intervention, MaskTokens
 from probe.data import images_to_tensor
-from probe.generation import capture_generation, generated_tokens
+from probe.generation import generate_and_capture, generated_tokens
 from probe.hooks import (
     FUSION_PROJ,
     TEXT_PATTERN,
@@ -120,11 +119,8 @@ class CharCaptionerAdapter(ModelAdapter):
         `probe.generation.capture_generation` (our decoders re-run the prefix, no KV cache: the
         newest query row is the last one all the same)."""
         px = self.preprocess(images)["pixel_values"]
-        with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
-            ids = self.model.generate(px, max_new_tokens)
-        caps = self._decode(ids[:, 1:])
-        cache.meta = dataclasses.replace(self.input_meta({"pixel_values": px}), tokens=caps["tokens"])
-        return caps, cache
+        return generate_and_capture(self, px, lambda: self.model.generate(px, max_new_tokens)[:, 1:], self._decode,
+                                    hooks, heads=heads, reduce=reduce, dtype=dtype, device=device)
 
     @property
     def flow_hook(self) -> str:

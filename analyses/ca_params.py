@@ -1,23 +1,57 @@
-"""Cross-attention parameter accounting: parameters per group, from the groups each adapter
-declares (`ModelAdapter.param_groups`), never from parameter-name guessing.
+"""Cross-attention accounting: parameters and forward FLOPs per group, from the module groups
+each adapter declares (`ModelAdapter.param_groups`), never from parameter-name guessing.
 
 Tied parameters (BLIP's and GPT-2's LM head share the word embeddings) are counted once, in the
 group of their first name, and `total_with_tied` counts them once per module that uses them.
-Works on meta-device models (`HFCaptionerAdapter.on_meta()`): exact counts of the published
-architectures with no download.
+Works on meta-device models (``on_meta()``): exact counts of the published architectures with no
+download. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
+multiply-add, matmuls and convolutions only) for one teacher-forced forward of one image at the
+model's input size and `text_tokens` caption tokens, and attributed to the group whose declared
+module ran them.
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from probe.adapter import PARAM_GROUPS, ModelAdapter
+from probe.results import Result
+
+NAME = "ca-params"
+SUMMARY = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"
+DEFAULT_MODEL = "all"
+NEEDS_IMAGES = False
+CAPTIONERS = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
+
+
+def _declared(adapter: ModelAdapter) -> dict[str, str]:
+    """Declared path -> group, validated: known groups, paths that exist, no path twice."""
+    declared = adapter.param_groups()
+    unknown = set(declared) - set(PARAM_GROUPS)
+    if unknown:
+        raise ValueError(f"{adapter.name}: unknown parameter groups {sorted(unknown)}; use {PARAM_GROUPS}")
+    paths: dict[str, str] = {}
+    for group, mods in declared.items():
+        for m in mods:
+            try:
+                adapter.model.get_parameter(m)
+            except AttributeError:
+                adapter.module(m)  # raises for a path that names nothing
+            if m in paths:
+                raise ValueError(f"{adapter.name}: {m} is declared in {paths[m]} and {group}")
+            paths[m] = group
+    return paths
 
 
 def _owner(name: str, paths: dict[str, str]) -> str | None:
-    """Group of the longest declared module path containing parameter `name`."""
+    """Group of the longest declared path that is `name` or contains it."""
     parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):
+    for k in range(len(parts), 0, -1):
         g = paths.get(".".join(parts[:k]))
         if g is not None:
             return g
@@ -32,20 +66,10 @@ def count_parameters(adapter: ModelAdapter) -> dict[str, Any]:
         tied tensor once per use, "cross_attention_share": cross-attention / total}``.
 
     Raises:
-        ValueError: a declared path names no module, two groups declare the same path, or a
+        ValueError: a declared path names nothing, two groups declare the same path, or a
             parameter falls in no group (the message lists a few).
     """
-    declared = adapter.param_groups()
-    unknown = set(declared) - set(PARAM_GROUPS)
-    if unknown:
-        raise ValueError(f"{adapter.name}: unknown parameter groups {sorted(unknown)}; use {PARAM_GROUPS}")
-    paths: dict[str, str] = {}
-    for group, mods in declared.items():
-        for m in mods:
-            adapter.module(m)  # raises for a path that names nothing
-            if m in paths:
-                raise ValueError(f"{adapter.name}: {m} is declared in {paths[m]} and {group}")
-            paths[m] = group
+    paths = _declared(adapter)
     counts = dict.fromkeys(PARAM_GROUPS, 0)
     missing: list[str] = []
     for name, p in adapter.model.named_parameters():  # unique tensors: a tied one appears once
@@ -60,3 +84,135 @@ def count_parameters(adapter: ModelAdapter) -> dict[str, Any]:
     with_tied = sum(p.numel() for _, p in adapter.model.named_parameters(remove_duplicate=False))
     return {"groups": counts, "total": total, "total_with_tied": with_tied,
             "cross_attention_share": counts["cross_attention"] / total if total else 0.0}
+
+
+def count_flops(adapter: ModelAdapter, text_tokens: int = 20) -> dict[str, Any]:
+    """Forward FLOPs per group for one image and `text_tokens` caption tokens (teacher-forced).
+
+    Runs on the meta device when the model lives there (no memory, no weights). FLOPs that no
+    declared module runs (e.g. a functional op at the model's top level) go to ``other``.
+
+    Returns:
+        ``{"groups": {group: flops, "other": flops}, "total": flops, "cross_attention_share": float,
+        "input": {"image_size": int, "text_tokens": int}}``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    paths = _declared(adapter)
+    model = adapter.model
+    device = next(model.parameters()).device
+    s = adapter.image_size  # type: ignore[attr-defined]
+    px = torch.zeros(1, 3, s, s, device=device, dtype=next(model.parameters()).dtype)
+    ids = torch.zeros(1, text_tokens, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        adapter.forward({"pixel_values": px, "input_ids": ids})
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    total = int(counter.get_total_flops())
+    groups = dict.fromkeys(PARAM_GROUPS, 0)
+    for path, group in paths.items():
+        ops = per_module.get(f"{root}.{path}")
+        if ops and not _inside_declared(path, paths):
+            groups[group] += int(sum(ops.values()))
+    groups["other"] = total - sum(groups.values())
+    return {"groups": groups, "total": total,
+            "cross_attention_share": groups["cross_attention"] / total if total else 0.0,
+            "input": {"image_size": s, "text_tokens": text_tokens}}
+
+
+def _inside_declared(path: str, paths: dict[str, str]) -> bool:
+    """Whether a strict ancestor of `path` is declared too (its FLOPs are counted there)."""
+    parts = path.split(".")
+    return any(".".join(parts[:k]) in paths for k in range(1, len(parts)))
+
+
+def accounting_adapter(name: str, *, full_size: bool, weights: str = "auto") -> ModelAdapter:
+    """The adapter to count: the published architecture on the meta device (`full_size`), else
+    the model ``--weights`` resolves to (the bundled zoo model by default)."""
+    from probe import registry
+
+    entry = registry.model_entry(name)
+    if full_size:
+        loader = getattr(entry.loader, "__self__", None)
+        on_meta = getattr(loader, "on_meta", None)
+        if on_meta is None:
+            if name == "mmca":
+                return registry.load_model(name, weights="random")  # no published size: its own
+            raise ValueError(f"{name} has no published architecture to build on the meta device")
+        return on_meta()
+    return registry.load_model(name, weights=weights)
+
+
+@dataclass(frozen=True)
+class CAParamsResult(Result):
+    """Per family: parameter and FLOP counts per group (see `count_parameters`, `count_flops`)."""
+
+    kind = "ca-params"
+    models: dict[str, Any] = field(default_factory=dict)
+    full_size: bool = False
+    text_tokens: int = 20
+
+
+def run_models(names: Sequence[str], *, full_size: bool = False, weights: str = "auto",
+               text_tokens: int = 20) -> CAParamsResult:
+    """Count parameters and FLOPs for each family in `names`."""
+    out: dict[str, Any] = {}
+    for name in names:
+        a = accounting_adapter(name, full_size=full_size, weights=weights)
+        out[name] = {"size": a.weights.ref, "fusion": a.capabilities.fusion,
+                     "params": count_parameters(a), "flops": count_flops(a, text_tokens)}
+    return CAParamsResult(models=out, full_size=full_size, text_tokens=text_tokens)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full-size", action="store_true",
+                        help="count the published architectures, built on the meta device (no download)")
+    parser.add_argument("--text-tokens", type=int, default=20, help="caption length for the FLOP count")
+
+
+def model_names(arg: str | None) -> list[str]:
+    """``all`` (the default) -> every captioner; else a comma-separated list."""
+    if arg in (None, "all"):
+        return list(CAPTIONERS)
+    return [m.strip() for m in arg.split(",") if m.strip()]
+
+
+def run_cli(args: argparse.Namespace) -> tuple[dict[str, Any], CAParamsResult]:
+    """Run from parsed CLI arguments: (manifest fields, result)."""
+    from probe import registry
+
+    names = model_names(args.model)
+    for n in names:
+        entry = registry.model_entry(n)  # unknown names list the known ones
+        if "caption" not in entry.capabilities.tasks:
+            raise ValueError(f"ca-params counts captioners; {n} is not one (use: {', '.join(CAPTIONERS)})")
+    result = run_models(names, full_size=args.full_size, weights=args.weights, text_tokens=args.text_tokens)
+    params = {"models": names, "full_size": args.full_size, "text_tokens": args.text_tokens}
+    return {"model": {"name": "+".join(names) if len(names) < 3 else "all"}, "parameters": params}, result
+
+
+def render(result: CAParamsResult) -> dict[str, Any]:
+    return {}
+
+
+def table_lines(result: CAParamsResult) -> list[str]:
+    """Parameters (millions) per group and the cross-attention share of parameters and FLOPs."""
+    short = {"vision": "vision", "embeddings": "embed", "text_self_attention": "text-self",
+             "cross_attention": "x-attn", "feed_forward": "ffn", "fusion": "fusion", "head": "head"}
+    head = ["model"] + list(short.values()) + ["total", "x-attn % params", "x-attn % FLOPs"]
+    rows = [head]
+    for name, m in result.models.items():
+        g = m["params"]["groups"]
+        rows.append([name] + [f"{g[k] / 1e6:.2f}M" for k in short] + [f"{m['params']['total'] / 1e6:.2f}M",
+                     f"{100 * m['params']['cross_attention_share']:.1f}",
+                     f"{100 * m['flops']['cross_attention_share']:.1f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows]
+
+
+def summary_lines(result: CAParamsResult) -> list[str]:
+    size = "published architectures (meta device)" if result.full_size else "the loaded models"
+    return [f"parameters per group, {size}; FLOPs for one image + {result.text_tokens} caption tokens",
+            *table_lines(result)]

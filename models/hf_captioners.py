@@ -301,8 +301,8 @@ class HFCaptionerAdapter(ModelAdapter):
         if ids is None:
             b = batch["pixel_values"].shape[0]
             ids = torch.full((b, 1), self.specials.start, dtype=torch.long, device=self.device)
-        mask = batch.get("attention_mask", torch.ones_like(ids))
-        return self._logits(batch["pixel_values"], ids, mask)
+        # no mask means every token is real (and keeps meta-device FLOP counting free of .item())
+        return self._logits(batch["pixel_values"], ids, batch.get("attention_mask"))
 
     @torch.no_grad()
     def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 20, num_beams: int = 1,

@@ -265,6 +265,31 @@ class PrefixVLMAdapter(CharCaptionerAdapter):
         tokens: Any = list(range(self.n_image_tokens)) if removed is None else removed
         return [MaskTokens(tokens, attention="text.blocks.*.attn.pattern")]
 
+    def param_groups(self) -> dict[str, list[str]]:
+        n = self.model.cfg.depth
+        return {
+            "vision": ["vision"],  # frozen
+            "fusion": ["proj"],  # the one trained projection
+            "embeddings": ["tok_emb", "pos_emb"],
+            # one joint self-attention over [prefix; text]: no cross-attention parameters
+            "text_self_attention": [p for i in range(n) for p in (f"blocks.{i}.norm1", f"blocks.{i}.attn")],
+            "cross_attention": [],
+            "feed_forward": [p for i in range(n) for p in (f"blocks.{i}.norm2", f"blocks.{i}.mlp")],
+            "head": ["norm", "head"],
+        }
+
+    @classmethod
+    def on_meta(cls, decoder: dict[str, Any] | None = None) -> PrefixVLMAdapter:
+        """The published vision encoder (ViT-B/16, ``google/vit-base-patch16-224-in21k``) with the
+        default decoder, on the meta device: for parameter and FLOP accounting only."""
+        from transformers import ViTConfig, ViTModel
+
+        tok = CharTokenizer(DEFAULT_CHARS)
+        with torch.device("meta"):
+            vmodel = ViTModel._from_config(ViTConfig(), add_pooling_layer=False)
+            model = PrefixVLM(vmodel, PrefixDecoderConfig(vocab_size=len(tok), **(decoder or {})))
+        return cls(model, tok, WeightsInfo("meta", "published vision config, default decoder, no weights"))
+
 
 ViTFields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
              "patch_size", "num_channels", "qkv_bias", "layer_norm_eps", "hidden_act")
@@ -334,6 +359,20 @@ class MMCAAdapter(CharCaptionerAdapter):
     def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
         tokens: Any = list(range(self.n_image_tokens)) if removed is None else removed
         return [MaskTokens(tokens, attention="text.blocks.*.xattn.pattern")]
+
+    def param_groups(self) -> dict[str, list[str]]:
+        n = self.model.cfg.depth
+        return {
+            "vision": ["vision"],
+            "fusion": ["proj"],
+            "embeddings": ["tok_emb", "pos_emb"],
+            # MMCA's text->text and text->image softmaxes share one set of q/k/v/out projections:
+            # the cross-modal path adds no parameters, so they all count as self-attention
+            "text_self_attention": [p for i in range(n) for p in (f"blocks.{i}.norm1", f"blocks.{i}.attn")],
+            "cross_attention": [],
+            "feed_forward": [p for i in range(n) for p in (f"blocks.{i}.norm2", f"blocks.{i}.mlp")],
+            "head": ["norm", "head"],
+        }
 
 
 def register() -> None:

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pm = sub.add_parser("models", help="list registered models and their capabilities")
     pm.add_argument("--json", action="store_true")
+    pm.add_argument("--fusion", action="store_true",
+                    help="the fusion table of the captioners (Markdown), generated from the adapters")
 
     pr = sub.add_parser("runs", help="list, show or delete saved runs")
     pr.add_argument("--out", type=Path, default=None, help="run store folder")
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_models(args: argparse.Namespace) -> int:
     entries = registry.models()
+    if args.fusion:
+        from probe.fusion import fusion_markdown
+
+        print(fusion_markdown())
+        return 0
     if args.json:
         print(json.dumps({n: {"summary": e.summary, **e.capabilities.to_dict()} for n, e in entries.items()}, indent=2))
         return 0
@@ -141,6 +148,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     entry = registry.analysis_entry(args.analysis)
+    if not getattr(entry.module, "NEEDS_IMAGES", True):
+        return _run_without_images(args, entry)
     model_name = args.model or getattr(entry.module, "DEFAULT_MODEL", DEFAULT_MODEL)
     model_entry = registry.model_entry(model_name)  # fails early, listing the known models
     check = getattr(entry.module, "check", None)
@@ -183,6 +192,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"saved run {run.id} in {run.path}")
     for f in run.figures:
         print(f"  figure {f}")
+    return 0
+
+
+def _run_without_images(args: argparse.Namespace, entry: registry.AnalysisEntry) -> int:
+    """Analyses that read models, not images (``ca-params``): the module parses its own arguments."""
+    if args.images:
+        raise CLIError(f"{args.analysis} reads no images; drop --images")
+    t0 = time.perf_counter()
+    fields, result = entry.module.run_cli(args)
+    figures = entry.module.render(result)
+    manifest: dict[str, Any] = {"analysis": args.analysis, **fields, "seed": args.seed,
+                                "timings_s": {"run": round(time.perf_counter() - t0, 4)}}
+    run = RunStore(args.out).save(manifest, result, figures)
+    for line in entry.module.summary_lines(result):
+        print(line)
+    print(f"saved run {run.id} in {run.path}")
     return 0
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from probe.adapter import PARAM_GROUPS, ModelAdapter
-from probe.results import Result
+from probe.results import CAParamsResult
 
 NAME = "ca-params"
 SUMMARY = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"
@@ -142,16 +141,6 @@ def accounting_adapter(name: str, *, full_size: bool, weights: str = "auto") -> 
             raise ValueError(f"{name} has no published architecture to build on the meta device")
         return on_meta()
     return registry.load_model(name, weights=weights)
-
-
-@dataclass(frozen=True)
-class CAParamsResult(Result):
-    """Per family: parameter and FLOP counts per group (see `count_parameters`, `count_flops`)."""
-
-    kind = "ca-params"
-    models: dict[str, Any] = field(default_factory=dict)
-    full_size: bool = False
-    text_tokens: int = 20
 
 
 def run_models(names: Sequence[str], *, full_size: bool = False, weights: str = "auto",

@@ -72,6 +72,11 @@ class CharCaptionerAdapter(ModelAdapter):
         """Position of the first text token in the sequence that the text hooks index."""
         return 0
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return g, g
+
     # -- shared
     def preprocess(self, images: Sequence[Image.Image], captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Images -> ``pixel_values`` (b, 3, H, W); with `captions`, ``input_ids`` (b, T) too."""

@@ -158,8 +158,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError(why)
     torch.manual_seed(args.seed)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    paths = args.images or bundled_images()
-    images, names = load_images(paths)
+    extra: dict[str, Any] = {}
+    if not args.images and hasattr(entry.module, "default_inputs"):
+        images, names, extra = entry.module.default_inputs(args)
+        paths = list(names)
+    else:
+        paths = args.images or bundled_images()
+        images, names = load_images(paths)
     t0 = time.perf_counter()
     adapter = model_entry.loader(weights=args.weights, seed=args.seed, device=device, dtype=dtype)
     t_load = time.perf_counter() - t0
@@ -169,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s has RANDOM weights: the maps show the architecture, not learned behaviour", adapter.name)
     params = entry.module.params_from_args(args)
     t1 = time.perf_counter()
-    result = entry.module.run(adapter, images, names, **params)
+    result = entry.module.run(adapter, images, names, **params, **extra)
     t_run = time.perf_counter() - t1
     t2 = time.perf_counter()
     figures = entry.module.render(result)

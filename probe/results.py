@@ -177,3 +177,57 @@ class FlowResult(Result):
         rows = self.arrays["flow.rows"][image, :, : len(self.tokens[image]), lo:hi].float()
         m = rows.mean(0) if layer is None else rows[self.layers.index(layer)]
         return m.reshape(m.shape[0], *meta.grid)
+
+
+@dataclass(frozen=True)
+class AblationResult(Result):
+    """Ablation variants x images (see `probe.analyses.ablation`).
+
+    Fields:
+        variants: per variant ``{name, kind, layer, head, removed_tokens}``; ``none`` first.
+        reference / reference_tokens: per image, the unablated greedy caption (and its tokens).
+        captions: (variants, images) greedy caption under each variant ("" when not generated).
+        changed: (variants, images) reference token positions that changed.
+        accuracy: per variant name ``{"exact", "objects"}`` against `truth` (probe-shapes), or None.
+        object_words: per object / object-random variant, the fraction of named objects whose
+            colour+shape words the ablation removed from the caption, or None.
+        layers: text layers swept; head_scope: what a head ablation zeroes.
+    Arrays:
+        ``ablation.logprob``: (variants, images) mean log-prob per token of the reference caption.
+        ``ablation.drop``: (variants, images) logprob of ``none`` minus logprob.
+        ``ablation.heads``: (layers, heads) image-mean drop per head (NaN where not run).
+    """
+
+    kind: ClassVar[str] = "ablation"
+    schema_version: ClassVar[int] = 1
+    model: str = ""
+    image_names: list[str] = field(default_factory=list)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    reference: list[str] = field(default_factory=list)
+    reference_tokens: list[list[str]] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    changed: list[list[list[int]]] = field(default_factory=list)
+    accuracy: dict[str, dict[str, float]] | None = None
+    object_words: dict[str, float] | None = None
+    layers: list[int] = field(default_factory=list)
+    head_scope: str = ""
+    fusion: str = ""
+    truth: list[str] | None = None
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        lp = self.arrays.get("ablation.logprob")
+        if lp is None or tuple(lp.shape) != (len(self.variants), len(self.image_names)):
+            raise ValueError(f"ablation.logprob must be (variants={len(self.variants)}, "
+                             f"images={len(self.image_names)}); got {None if lp is None else tuple(lp.shape)}")
+
+
+@dataclass(frozen=True)
+class CAParamsResult(Result):
+    """Per family: parameter and FLOP counts per group (see `probe.analyses.ca_params`)."""
+
+    kind: ClassVar[str] = "ca-params"
+    schema_version: ClassVar[int] = 1
+    models: dict[str, Any] = field(default_factory=dict)
+    full_size: bool = False
+    text_tokens: int = 20

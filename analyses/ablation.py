@@ -1,0 +1,504 @@
+"""Ablations of how image information reaches the caption, for every captioner family.
+
+Variants (each applied to every image):
+
+- ``none``: the unablated model (the reference).
+- ``blind``: every image token (CLS and patches) removed from every text layer's reads.
+- ``top-k``: the k patches the caption attends to most (layer-, head- and token-mean of the flow
+  pattern over the reference caption) removed; ``random-k``: k random patches removed.
+- ``object:j``: on probe-shapes, the patches under object j's mask removed (any overlap), with
+  ``object-random:j``: as many random patches.
+- ``layer:i``: every image token removed from text layer i only (cross-attention layer for
+  ViT-GPT2, BLIP and MMCA; the image span of the joint self-attention for GIT and the prefix VLM).
+- ``head:i.h``: head h of layer i zeroed: its cross-attention output (``text.blocks.{i}.xattn.z``)
+  where the family has one; in joint-attention families and MMCA (one attention, shared
+  projections) the whole head, which reads text and image together (`head_scope` says which).
+
+Removal is real (see `probe.capture.MaskTokens`): a removed image token receives exactly zero
+attention and contributes nothing; for BLIP the mask is routed into the cross-attention mask that
+transformers drops. Variants run batched: rows of one batched forward carry different variants
+through per-row key masks and per-row head masks, so a whole layer x head sweep costs a few
+forwards; `loop=True` runs one forward per variant (the reference the batched path must equal).
+
+Metrics per variant and image: the teacher-forced log-probability of the reference caption (the
+unablated greedy caption, end token included; mean per token) and its drop from ``none``; the
+greedy caption under the ablation; which reference token positions changed; and, with ground
+truth, the caption accuracy (`probe.models.zoo.caption_metrics`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm.auto import tqdm
+
+from probe.adapter import ModelAdapter
+from probe.capture import Intervention, MaskTokens, ZeroHeads, intervene
+from probe.results import AblationResult
+
+NAME = "ablation"
+SUMMARY = "remove image tokens, regions, layers or heads: log-prob drop of the caption, captions, accuracy"
+DEFAULT_MODEL = "blip"
+KINDS = ("blind", "region", "layers", "heads", "all")
+
+
+def check(adapter_capabilities: Any) -> str | None:
+    if "caption" not in adapter_capabilities.tasks:
+        return f"ablation needs a captioner; {adapter_capabilities.family} does not caption"
+    return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation. `removed`: bool (images, n_image_tokens) for every layer, or None;
+    `layer_removed`: a layer whose image tokens are all removed; `head`: (layer, head) zeroed."""
+
+    name: str
+    kind: str
+    removed: torch.Tensor | None = None
+    layer: int | None = None
+    head: tuple[int, int] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "layer": self.layer,
+                "head": list(self.head) if self.head else None,
+                "removed_tokens": None if self.removed is None else self.removed.sum(1).tolist()}
+
+
+# ----------------------------------------------------------------------------- geometry
+def patches_under(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Bool (rows * cols,): patches of a `grid` over the image that contain any pixel of `mask` (H, W)."""
+    h, w = mask.shape
+    r, c = grid
+    ys = np.linspace(0, h, r + 1)
+    xs = np.linspace(0, w, c + 1)
+    out = np.zeros((r, c), dtype=bool)
+    for i in range(r):
+        for j in range(c):
+            y0, y1 = int(np.floor(ys[i])), int(np.ceil(ys[i + 1]))
+            x0, x1 = int(np.floor(xs[j])), int(np.ceil(xs[j + 1]))
+            out[i, j] = mask[y0:y1, x0:x1].any()
+    return out.ravel()
+
+
+def _token_mask(patches: np.ndarray | torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Patch-level bool (..., patches) -> token-level (..., n_tokens) over [CLS, patches]."""
+    p = torch.as_tensor(patches, dtype=torch.bool)
+    out = torch.zeros(*p.shape[:-1], n_tokens, dtype=torch.bool)
+    out[..., 1 : 1 + p.shape[-1]] = p
+    return out
+
+
+# ----------------------------------------------------------------------------- model plumbing
+def _specials(adapter: Any) -> tuple[int, int]:
+    if hasattr(adapter, "specials"):
+        return adapter.specials.start, adapter.specials.pad
+    return adapter.tokenizer.bos_id, adapter.tokenizer.pad_id
+
+
+def _reference_ids(adapter: Any, new: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start] + generated tokens up to and including the end token, right-padded: ids, mask (b, T)."""
+    start, pad = _specials(adapter)
+    t = 1 + max(lengths)
+    ids = torch.full((len(lengths), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(lengths), t), dtype=torch.long)
+    ids[:, 0], mask[:, 0] = start, 1
+    for i, n in enumerate(lengths):
+        ids[i, 1 : 1 + n] = new[i, :n].cpu()
+        mask[i, : 1 + n] = 1
+    return ids, mask
+
+
+def _text_batch(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch = {"pixel_values": px, "input_ids": ids.to(adapter.device)}
+    if hasattr(adapter, "specials"):  # transformers captioners take a padding mask
+        batch["attention_mask"] = mask.to(adapter.device)
+    return batch
+
+
+def _flow_layers(adapter: Any) -> list[int]:
+    names = {s.name for s in adapter.hook_specs()}
+    out, i = [], 0
+    while adapter.flow_hook.format(i=i) in names:
+        out.append(i)
+        i += 1
+    return out
+
+
+def _head_hook(adapter: Any, layer: int) -> tuple[str, str]:
+    """The per-head hook a head ablation zeroes, and its scope."""
+    names = {s.name for s in adapter.hook_specs()}
+    xz = f"text.blocks.{layer}.xattn.z"
+    if ".xattn." in adapter.flow_hook and xz in names:
+        return xz, "cross-attention"
+    return f"text.blocks.{layer}.attn.z", "whole head (text and image)"
+
+
+def _n_heads(adapter: Any, hook: str) -> int:
+    spec = next(s for s in adapter.hook_specs() if s.name == hook)
+    if not spec.n_heads:
+        raise ValueError(f"{adapter.name}: {hook} declares no head count")
+    return int(spec.n_heads)
+
+
+def interventions_for(adapter: Any, rows: Sequence[tuple[Variant, int]]) -> list[Intervention]:
+    """Interventions for one batched forward whose row r runs variant ``rows[r][0]`` on image
+    ``rows[r][1]``: one per-row key mask over all layers, per-layer key masks, per-layer head masks."""
+    b, n_tok = len(rows), adapter.n_image_tokens
+    layers = _flow_layers(adapter)
+    ivs: list[Intervention] = []
+    removed = torch.zeros(b, n_tok, dtype=torch.bool)
+    for r, (v, i) in enumerate(rows):
+        if v.removed is not None:
+            removed[r] = v.removed[i]
+    if removed.any():
+        ivs.append(MaskTokens(removed, attention=adapter.flow_hook.format(i="*")))
+    for layer in layers:
+        flags = torch.tensor([v.layer == layer for v, _ in rows])
+        if flags.any():
+            ivs.append(MaskTokens(flags[:, None].expand(b, n_tok).clone(), attention=adapter.flow_hook.format(i=layer)))
+        hook, _ = _head_hook(adapter, layer)
+        hv = [(r, v.head[1]) for r, (v, _) in enumerate(rows) if v.head is not None and v.head[0] == layer]
+        if hv:
+            heads = torch.zeros(b, _n_heads(adapter, hook), dtype=torch.bool)
+            for r, h in hv:
+                heads[r, h] = True
+            ivs.append(ZeroHeads(hook, heads))
+    return ivs
+
+
+@torch.no_grad()
+def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.Tensor, ids: torch.Tensor,
+                   mask: torch.Tensor, max_new_tokens: int, generate: bool) -> tuple[torch.Tensor, list[str], list[list[str]]]:
+    """Mean log-prob of the reference caption per row, and (if `generate`) captions under each row's variant."""
+    idx = torch.tensor([i for _, i in rows])
+    rpx, rids, rmask = px[idx], ids[idx], mask[idx]
+    with intervene(adapter, interventions_for(adapter, rows)):
+        logits = adapter.forward(_text_batch(adapter, rpx, rids, rmask)).float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rids[:, 1:, None].to(logits.device))[..., 0]
+        m = rmask[:, 1:].to(logp.device).float()
+        mean = ((logp * m).sum(1) / m.sum(1)).cpu()
+        texts: list[str] = []
+        toks: list[list[str]] = []
+        if generate:
+            caps = _caption_pixels(adapter, rpx, max_new_tokens)
+            texts, toks = caps["text"], caps["tokens"]
+    return mean, texts, toks
+
+
+def _caption_pixels(adapter: Any, px: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy captions from preprocessed pixels (the same decoding as `adapter.caption`)."""
+    if hasattr(adapter, "_generate"):
+        out = adapter._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+        return adapter._decode(out[:, adapter.prompt_len :])
+    return adapter._decode(adapter.model.generate(px, max_new_tokens)[:, 1:])
+
+
+def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(images, patches): mean over layers, heads and caption tokens of the flow pattern's patch weights."""
+    from probe.capture import capture
+
+    hook = adapter.flow_hook
+    with capture(adapter, hook.format(i="*"), reduce="mean") as cache:
+        adapter.forward(_text_batch(adapter, px, ids, mask))
+    lo, hi = 1, adapter.n_image_tokens
+    t0 = adapter.text_offset()
+    m = mask.float()
+    per_layer = []
+    for name in cache.names():
+        p = cache[name][:, 0].float().cpu()  # (b, queries, keys)
+        q = p[:, t0 : t0 + ids.shape[1], lo:hi] if p.shape[1] > ids.shape[1] else p[:, :, lo:hi]
+        per_layer.append((q * m[:, :, None]).sum(1) / m.sum(1, keepdim=True))
+    return torch.stack(per_layer).mean(0)
+
+
+# ----------------------------------------------------------------------------- run
+def build_variants(adapter: Any, kind: str, n_images: int, *, k: int, attended: torch.Tensor | None,
+                   objects: Sequence[np.ndarray] | None, seed: int = 0) -> list[Variant]:
+    """The variants of `kind` (``blind|region|layers|heads|all``), ``none`` first."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown ablation kind {kind!r}; use one of {', '.join(KINDS)}")
+    n_tok = adapter.n_image_tokens
+    n_patch = n_tok - 1
+    g = torch.Generator().manual_seed(seed)
+    out = [Variant("none", "none")]
+    if kind in ("blind", "all"):
+        out.append(Variant("blind", "blind", torch.ones(n_images, n_tok, dtype=torch.bool)))
+    if kind in ("region", "all"):
+        k = max(1, min(k, n_patch))
+        if attended is not None:
+            top = torch.zeros(n_images, n_patch, dtype=torch.bool)
+            top.scatter_(1, attended.topk(k, dim=1).indices, True)
+            out.append(Variant(f"top-{k}", "region", _token_mask(top, n_tok)))
+        out.append(Variant(f"random-{k}", "region", _token_mask(_random_patches(n_images, n_patch, [k] * n_images, g), n_tok)))
+        if objects is not None:
+            for j in range(max(len(o) for o in objects)):
+                under = np.zeros((n_images, n_patch), dtype=bool)
+                for i, masks in enumerate(objects):
+                    if j < len(masks):
+                        under[i] = patches_under(masks[j], adapter.grid)
+                counts = under.sum(1).tolist()
+                out.append(Variant(f"object:{j}", "object", _token_mask(under, n_tok)))
+                out.append(Variant(f"object-random:{j}", "object-random",
+                                   _token_mask(_random_patches(n_images, n_patch, counts, g), n_tok)))
+    layers = _flow_layers(adapter)
+    if kind in ("layers", "all"):
+        out += [Variant(f"layer:{i}", "layer", layer=i) for i in layers]
+    if kind in ("heads", "all"):
+        for i in layers:
+            hook, _ = _head_hook(adapter, i)
+            out += [Variant(f"head:{i}.{h}", "head", head=(i, h)) for h in range(_n_heads(adapter, hook))]
+    return out
+
+
+def _random_patches(n_images: int, n_patch: int, counts: Sequence[int], g: torch.Generator) -> torch.Tensor:
+    out = torch.zeros(n_images, n_patch, dtype=torch.bool)
+    for i, c in enumerate(counts):
+        out[i, torch.randperm(n_patch, generator=g)[:c]] = True
+    return out
+
+
+def run(
+    adapter: ModelAdapter,
+    images: Sequence[Image.Image],
+    names: Sequence[str] | None = None,
+    *,
+    kind: str = "all",
+    k: int | None = None,
+    objects: Sequence[np.ndarray] | None = None,
+    truth: Sequence[Any] | None = None,
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+    generate: bool = True,
+    loop: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> AblationResult:
+    """Run the ablation suite on `images`.
+
+    Args:
+        objects: per image, bool masks (objects, H, W) of its objects (probe-shapes) for the
+            ``object:j`` variants. truth: per image, a `probe.shapes.ShapesSample` for accuracy.
+        k: patches per top-k / random-k region (default 1/8 of the patches).
+        batch_size: rows (variant x image) per batched forward. loop: one forward per variant.
+        generate: also generate the caption under each variant (the slow part).
+
+    Returns:
+        `AblationResult`; arrays ``ablation.logprob`` (variants, images) mean log-prob per token of
+        the reference caption, ``ablation.drop`` = logprob[none] - logprob, ``ablation.heads``
+        (layers, heads) image-mean drop of each head (NaN without a head sweep).
+    """
+    why = check(adapter.capabilities)
+    if why:
+        raise ValueError(why)
+    names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    for arg, what in ((objects, "objects"), (truth, "truth")):
+        if arg is not None and len(arg) != len(images):
+            raise ValueError(f"{what}: give one entry per image ({len(images)} images, {len(arg)} given)")
+    n = len(images)
+    px = adapter.preprocess(list(images))["pixel_values"]
+    ref = _caption_pixels(adapter, px, max_new_tokens)
+    lengths = [max(1, len(t)) for t in ref["tokens"]]
+    ids, mask = _reference_ids(adapter, ref["ids"], lengths)
+    attended = _attended_patches(adapter, px, ids, mask) if kind in ("region", "all") else None
+    n_patch = adapter.n_image_tokens - 1
+    variants = build_variants(adapter, kind, n, k=k or max(1, n_patch // 8), attended=attended, objects=objects,
+                              seed=seed)
+    rows = [(v, i) for v in variants for i in range(n)]
+    chunks = _chunks(rows, batch_size, by_variant=loop)
+    logprob = torch.zeros(len(variants), n)
+    texts: list[list[str]] = [[""] * n for _ in variants]
+    tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
+    vindex = {id(v): j for j, v in enumerate(variants)}
+    for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
+        mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, max_new_tokens, generate)
+        for r, (v, i) in enumerate(chunk):
+            logprob[vindex[id(v)], i] = mean[r]
+            if generate:
+                texts[vindex[id(v)]][i], tokens[vindex[id(v)]][i] = tx[r], tk[r]
+    drop = logprob[0:1] - logprob
+    changed = [[_changed(ref["tokens"][i], tokens[j][i]) if generate else [] for i in range(n)]
+               for j in range(len(variants))]
+    layers = _flow_layers(adapter)
+    heads = torch.full((len(layers), max((_n_heads(adapter, _head_hook(adapter, i)[0]) for i in layers), default=0)),
+                       float("nan"))
+    for j, v in enumerate(variants):
+        if v.head is not None:
+            heads[layers.index(v.head[0]), v.head[1]] = drop[j].mean()
+    accuracy = None
+    if truth is not None and generate:
+        from probe.models.zoo import caption_metrics
+
+        accuracy = {v.name: caption_metrics(texts[j], truth) for j, v in enumerate(variants)}
+    object_words = _object_words(variants, texts, truth) if truth is not None and generate else None
+    return AblationResult(
+        arrays={"ablation.logprob": logprob, "ablation.drop": drop, "ablation.heads": heads},
+        model=adapter.name, image_names=names, variants=[v.describe() for v in variants],
+        reference=ref["text"], reference_tokens=ref["tokens"], captions=texts, changed=changed,
+        accuracy=accuracy, object_words=object_words, layers=layers,
+        head_scope=_head_hook(adapter, layers[0])[1] if layers else "", fusion=adapter.capabilities.fusion,
+        truth=[t.caption for t in truth] if truth is not None else None, batched=not loop,
+    )
+
+
+def _chunks(rows: list[tuple[Variant, int]], size: int, by_variant: bool) -> list[list[tuple[Variant, int]]]:
+    if by_variant:  # the reference loop: one forward per variant
+        out: dict[int, list[tuple[Variant, int]]] = {}
+        for r in rows:
+            out.setdefault(id(r[0]), []).append(r)
+        return list(out.values())
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _changed(ref: list[str], new: list[str]) -> list[int]:
+    """Positions where the ablated caption's tokens differ from the reference (length differences count)."""
+    return [t for t in range(max(len(ref), len(new))) if t >= len(ref) or t >= len(new) or ref[t] != new[t]]
+
+
+def _object_words(variants: Sequence[Variant], texts: list[list[str]], truth: Sequence[Any]) -> dict[str, float]:
+    """Per object / random variant: the fraction of (image, object j) where the reference named
+    object j's colour and shape and the ablated caption no longer does."""
+    from collections import Counter
+
+    from probe.models.zoo import _PAIR, normalise
+
+    base = texts[0]
+    out: dict[str, float] = {}
+    for j, v in enumerate(variants):
+        if v.kind not in ("object", "object-random"):
+            continue
+        obj = int(v.name.split(":")[1])
+        lost = total = 0
+        for i, s in enumerate(truth):
+            if obj >= len(s.objects):
+                continue
+            pair = (s.objects[obj].colour, s.objects[obj].shape)
+            before = Counter(_PAIR.findall(normalise(base[i])))[pair]
+            if before == 0:
+                continue
+            total += 1
+            lost += Counter(_PAIR.findall(normalise(texts[j][i])))[pair] < before
+        out[v.name] = lost / total if total else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+def render(result: AblationResult) -> dict[str, Figure]:
+    figs: dict[str, Figure] = {"ablation_drop": render_drop(result)}
+    if not torch.isnan(result.arrays["ablation.heads"]).all():
+        figs["ablation_heads"] = render_heads(result)
+    if any(any(c) for c in result.captions):
+        figs["ablation_captions"] = render_captions(result)
+    return figs
+
+
+def render_heads(result: AblationResult) -> Figure:
+    h = result.arrays["ablation.heads"].numpy()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * h.shape[1], 1.0 + 0.4 * h.shape[0]))
+    im = ax.imshow(h, cmap="magma", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("text layer")
+    ax.set_yticks(range(len(result.layers)), [str(i) for i in result.layers])
+    ax.set_title(f"{result.model}: log-prob drop per head ({result.head_scope})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="nats / token")
+    return fig
+
+
+def render_drop(result: AblationResult) -> Figure:
+    drop = result.arrays["ablation.drop"].mean(1).numpy()
+    keep = [j for j, v in enumerate(result.variants) if v["kind"] != "head"]
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.28 * len(keep)))
+    ax.barh([result.variants[j]["name"] for j in keep], drop[keep], color="tab:purple")
+    ax.invert_yaxis()
+    ax.set_xlabel("mean log-prob drop of the reference caption (nats / token)")
+    ax.set_title(result.model, fontsize=9)
+    return fig
+
+
+def render_captions(result: AblationResult, max_images: int = 4) -> Figure:
+    keep = [j for j, v in enumerate(result.variants) if v["kind"] != "head"]
+    n = min(max_images, len(result.image_names))
+    lines = []
+    for i in range(n):
+        lines.append(f"{result.image_names[i]}")
+        for j in keep:
+            lines.append(f"    {result.variants[j]['name']:>18}: {result.captions[j][i]}")
+    fig = plt.figure(figsize=(9, 0.25 * len(lines) + 0.4))
+    fig.text(0.01, 0.98, "\n".join(lines), va="top", family="monospace", fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=KINDS, default="all")
+    parser.add_argument("--k", type=int, default=None, help="patches per top-k / random region (default 1/8)")
+    parser.add_argument("--shapes", type=int, default=16,
+                        help="without --images: this many probe-shapes test images, with ground truth")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="variant x image rows per forward")
+    parser.add_argument("--no-generate", action="store_true", help="log-probs only, no captions per variant")
+
+
+def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kind": args.kind, "k": args.k, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "generate": not args.no_generate, "seed": args.seed}
+
+
+def default_inputs(args: argparse.Namespace, image_size: int = 64) -> tuple[list[Image.Image], list[str], dict[str, Any]]:
+    """Probe-shapes test images with their masks and ground truth (when no --images are given)."""
+    from probe.shapes import iter_split
+
+    samples = list(iter_split("test", args.shapes, seed=0, image_size=image_size))
+    return ([s.image for s in samples], [f"shapes_test_{s.index:03d}" for s in samples],
+            {"objects": [s.masks for s in samples], "truth": samples})
+
+
+def summary_lines(result: AblationResult) -> list[str]:
+    drop = result.arrays["ablation.drop"].mean(1)
+    lines = [f"{result.model}: {len(result.image_names)} images, {len(result.variants)} variants"
+             f" ({'batched' if result.batched else 'one forward per variant'}); reference = unablated greedy caption"]
+    head = f"  {'variant':<20} {'logprob drop':>12}  {'changed':>8}"
+    if result.accuracy:
+        head += f"  {'exact':>6} {'objects':>7}"
+    lines.append(head)
+    for j, v in enumerate(result.variants):
+        if v["kind"] == "head":
+            continue
+        changed = np.mean([bool(c) for c in result.changed[j]]) if result.changed else 0.0
+        row = f"  {v['name']:<20} {float(drop[j]):>12.3f}  {changed:>8.0%}"
+        if result.accuracy:
+            a = result.accuracy[v["name"]]
+            row += f"  {a['exact']:>6.0%} {a['objects']:>7.0%}"
+        lines.append(row)
+    heads = result.arrays["ablation.heads"]
+    if not torch.isnan(heads).all():
+        flat = torch.nan_to_num(heads, nan=-float("inf"))
+        li, hi = divmod(int(flat.argmax()), heads.shape[1])
+        lines.append(f"  head sweep ({result.head_scope}): largest drop {float(heads[li, hi]):.3f} at layer "
+                     f"{result.layers[li]} head {hi}")
+    if result.object_words:
+        lines.append("  object words lost: " + ", ".join(f"{k} {v:.0%}" for k, v in result.object_words.items()))
+    if result.captions and result.captions[0]:
+        lines.append(f"  e.g. {result.image_names[0]}: {result.reference[0]!r} -> blind "
+                     f"{_caption_of(result, 'blind', 0)!r}")
+    return lines
+
+
+def _caption_of(result: AblationResult, name: str, i: int) -> str | None:
+    for j, v in enumerate(result.variants):
+        if v["name"] == name:
+            return result.captions[j][i]
+    return None

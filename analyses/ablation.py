@@ -29,7 +29,8 @@ truth, the caption accuracy (`probe.models.zoo.caption_metrics`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,13 +179,54 @@ def interventions_for(adapter: Any, rows: Sequence[tuple[Variant, int]]) -> list
     return ivs
 
 
+def _gather(out: Any, idx: torch.Tensor, n: int) -> Any:
+    """Rows `idx` of every batch-first tensor (batch `n`) in a module output."""
+    if isinstance(out, torch.Tensor):
+        return out[idx.to(out.device)] if out.dim() and out.shape[0] == n else out
+    if isinstance(out, tuple) and not hasattr(out, "keys"):
+        return type(out)(_gather(v, idx, n) for v in out)
+    if hasattr(out, "keys"):  # transformers ModelOutput / dict
+        return type(out)(**{k: _gather(out[k], idx, n) for k in out.keys()})
+    return out
+
+
+@contextmanager
+def vision_once(adapter: Any, px: torch.Tensor, rows_image: torch.Tensor) -> Iterator[None]:
+    """Run the vision tower once on the `n` distinct images `px`, then, while the block runs, let
+    it return those outputs gathered by `rows_image` (the image of each row) instead of running
+    again: ablations change only what the text reads, never the vision tower, so each image's
+    features are computed once however many variants read them."""
+    paths = adapter.param_groups().get("vision", [])
+    if len(paths) != 1:
+        yield
+        return
+    module = adapter.module(paths[0])
+    method = "features" if hasattr(module, "features") else "forward"  # our ViT: the captioner calls features()
+    real = getattr(module, method)
+    with torch.no_grad():
+        cached = real(pixel_values=px) if method == "forward" else real(px)
+    n = px.shape[0]
+
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        x = kwargs.get("pixel_values", args[0] if args else None)
+        if x is None or x.shape[0] != len(rows_image):
+            return real(*args, **kwargs)
+        return _gather(cached, rows_image, n)
+
+    setattr(module, method, replay)
+    try:
+        yield
+    finally:
+        delattr(module, method)  # back to the class's method
+
+
 @torch.no_grad()
 def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.Tensor, ids: torch.Tensor,
                    mask: torch.Tensor, max_new_tokens: int, generate: bool) -> tuple[torch.Tensor, list[str], list[list[str]]]:
     """Mean log-prob of the reference caption per row, and (if `generate`) captions under each row's variant."""
     idx = torch.tensor([i for _, i in rows])
     rpx, rids, rmask = px[idx], ids[idx], mask[idx]
-    with intervene(adapter, interventions_for(adapter, rows)):
+    with vision_once(adapter, px, idx), intervene(adapter, interventions_for(adapter, rows)):
         logits = adapter.forward(_text_batch(adapter, rpx, rids, rmask)).float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rids[:, 1:, None].to(logits.device))[..., 0]
         m = rmask[:, 1:].to(logp.device).float()

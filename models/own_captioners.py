@@ -38,6 +38,7 @@ from probe.models.mmca import MMCACaptioner, MMCAConfig
 from probe.models.prefix_vlm import PrefixDecoderConfig, PrefixVLM
 from probe.models.text import CharTokenizer
 from probe.models.vit import vit_specs
+from probe.models.zoo import source_of
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,20 @@ def _read_checkpoint(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str,
 
 
 def _auto(weights: str, name: str) -> str:
+    """``demo``/``auto`` -> the bundled zoo checkpoint; ``auto`` without one -> ``random``."""
+    if weights not in ("auto", "demo"):
+        return weights
+    from probe.models.zoo import demo_path
+
+    demo = demo_path(name)
+    if (demo / "config.json").is_file():
+        log.info("%s: bundled demo weights (probe-shapes zoo) from %s", name, demo)
+        return str(demo)
     if weights == "demo":
-        raise FileNotFoundError(f"no demo weights are bundled for {name} yet; use --weights random or a checkpoint folder")
-    if weights == "auto":
-        log.warning("%s: no bundled weights; using random weights", name)
-        return "random"
-    return weights
+        raise FileNotFoundError(f"no demo weights are bundled for {name}; use --weights random, a checkpoint "
+                                f"folder, or build them with `probe zoo train {name}`")
+    log.warning("%s: no bundled weights; using random weights", name)
+    return "random"
 
 
 class PrefixVLMAdapter(CharCaptionerAdapter):
@@ -210,7 +219,7 @@ class PrefixVLMAdapter(CharCaptionerAdapter):
             vmodel = ViTModel._from_config(ViTConfig(**meta["vision_config"]), attn_implementation="sdpa")
             model = PrefixVLM(vmodel, PrefixDecoderConfig(**meta["config"]))
             model.load_state_dict(state)
-            info = WeightsInfo("local", str(path.resolve()), files_sha256([path / "model.safetensors"]))
+            info = WeightsInfo(source_of(path), str(path.resolve()), files_sha256([path / "model.safetensors"]))
         else:
             torch.manual_seed(seed)
             tok = CharTokenizer(DEFAULT_CHARS)
@@ -324,7 +333,7 @@ class MMCAAdapter(CharCaptionerAdapter):
             meta, state, tok = _read_checkpoint(path, cls.kind)
             model = MMCACaptioner(MMCAConfig(**meta["config"]))
             model.load_state_dict(state)
-            info = WeightsInfo("local", str(path.resolve()), files_sha256([path / "model.safetensors"]))
+            info = WeightsInfo(source_of(path), str(path.resolve()), files_sha256([path / "model.safetensors"]))
         return cls(model, tok, info).to(device, dtype)  # type: ignore[return-value]
 
     def _config_json(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from probe.data import images_to_tensor
 from probe.hooks import VISION_PATTERN, VISION_RESID_POST, VISION_Z, HookSpec
 from probe.io import atomic_dir
 from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
+from probe.models.zoo import source_of
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,20 @@ class ViTAdapter(ModelAdapter):
         """
         name = f"vit-{attention.replace('_', '-')}"
         if weights in ("auto", "demo"):
-            # No demo checkpoints are bundled yet (the probe-shapes zoo will add them).
-            if weights == "demo":
+            from probe.models.zoo import demo_path
+
+            demo = demo_path(name)
+            if (demo / "config.json").is_file():
+                log.info("%s: bundled demo weights (probe-shapes zoo) from %s", name, demo)
+                weights = str(demo)
+            elif weights == "demo":
                 raise FileNotFoundError(
-                    f"no demo weights are bundled for {name} yet; use --weights random, or train a "
-                    f"checkpoint with `probe train vit --attention {attention} --data DIR --out CKPT` "
-                    "and pass --weights CKPT"
+                    f"no demo weights are bundled for {name}; use --weights random, or build them with "
+                    f"`probe zoo train {name}`, or pass a checkpoint folder"
                 )
-            log.warning("%s: no bundled weights; using random weights (seed %d)", name, seed)
-            weights = "random"
+            else:
+                log.warning("%s: no bundled weights; using random weights (seed %d)", name, seed)
+                weights = "random"
         if weights == "random":
             torch.manual_seed(seed)
             vcfg = ViTConfig(attention=attention, **(config or {}))
@@ -218,7 +224,7 @@ class ViTAdapter(ModelAdapter):
                     f"{path} holds a ViT with {model.cfg.attention!r} attention; load it as "
                     f"vit-{model.cfg.attention.replace('_', '-')}"
                 )
-            info = WeightsInfo("local", str(path.resolve()), files_sha256([path / "model.safetensors"]))
+            info = WeightsInfo(source_of(path), str(path.resolve()), files_sha256([path / "model.safetensors"]))
         adapter = cls(model, info, name=name)
         return adapter.to(device, dtype)  # type: ignore[return-value]
 

@@ -43,11 +43,17 @@ log = logging.getLogger(__name__)
 
 ZOO_DIR = Path(probe.assets.__file__).resolve().parent / "zoo"
 CARD = "card.json"
+CHECK_N = 64  # the card also records the metrics on the first CHECK_N test images: a quick re-measure
 
 
 def demo_path(name: str) -> Path:
     """The folder of `name`'s bundled demo checkpoint (it may not exist)."""
     return ZOO_DIR / name
+
+
+def source_of(folder: Path) -> str:
+    """``demo`` for a bundled zoo checkpoint, ``local`` for any other folder."""
+    return "demo" if folder.resolve().is_relative_to(ZOO_DIR) else "local"
 
 
 def bundled() -> list[str]:
@@ -164,11 +170,11 @@ RECIPES: dict[str, Recipe] = {
                          {"decoder": {"d_model": 96, "depth": 3, "heads": 4, "max_len": 96, "train_decoder": True},
                           "vision": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                                      "intermediate_size": 256, "image_size": 64, "patch_size": 8}},
-                         n_train=12000, steps=2000, lr=2e-3),
+                         n_train=12000, steps=3000, lr=2e-3),
     "mmca": Recipe("mmca", "caption",
                    {"dim": 96, "depth": 3, "heads": 4, "max_len": 96,
                     "vision": {"dim": 64, "depth": 3, "heads": 4, "image_size": 64, "patch_size": 8}},
-                   n_train=12000, steps=2000, lr=2e-3),
+                   n_train=12000, steps=3000, lr=2e-3),
 }
 
 
@@ -291,17 +297,19 @@ def _round_trip_dtype(adapter: Any, dtype: str) -> None:
 
 
 def train_family(name: str, out: str | Path | None = None, *, steps: int | None = None, seed: int | None = None,
-                 n_test: int | None = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+                 n_test: int | None = None, n_train: int | None = None,
+                 progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Train `name` from its recipe; write the checkpoint and ``card.json`` to `out` if given.
 
-    Returns (adapter, card). `steps`, `seed` and `n_test` override the recipe (short runs in tests).
+    Returns (adapter, card). `steps`, `seed`, `n_test` and `n_train` override the recipe (short
+    runs in tests).
     """
     if name not in RECIPES:
         raise KeyError(f"no zoo recipe for {name!r}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
-    if steps is not None or seed is not None or n_test is not None:
-        r = Recipe(**{**asdict(r), "steps": steps or r.steps, "seed": r.seed if seed is None else seed,
-                      "n_test": n_test or r.n_test})
+    over = {"steps": steps, "seed": seed, "n_test": n_test, "n_train": n_train}
+    if any(v is not None for v in over.values()):
+        r = Recipe(**{**asdict(r), **{k: v for k, v in over.items() if v is not None}})
     torch.manual_seed(r.seed)
     adapter = _fresh(name, r)
     t0 = time.perf_counter()
@@ -333,10 +341,13 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
     seconds = time.perf_counter() - t0
     _round_trip_dtype(adapter, r.dtype)
     metrics = measure(adapter, r.task, n_test=r.n_test, data_seed=r.data_seed, image_size=r.image_size)
+    check = {"n_test": min(CHECK_N, r.n_test),
+             "metrics": measure(adapter, r.task, n_test=min(CHECK_N, r.n_test), data_seed=r.data_seed,
+                                image_size=r.image_size)}
     info = {
         "name": name, "task": r.task, "recipe": asdict(r), "data": "probe-shapes", "data_seed": r.data_seed,
         "steps": r.steps, "wall_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-        "final_loss": float(np.mean(losses[-50:])), "metrics": metrics, "weights_dtype": r.dtype,
+        "final_loss": float(np.mean(losses[-50:])), "metrics": metrics, "check": check, "weights_dtype": r.dtype,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in params),
         "torch": torch.__version__,

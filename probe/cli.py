@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", type=int, default=64, help="image side in pixels")
 
+    pz = sub.add_parser("zoo", help="the bundled probe-shapes models: list them, or rebuild one from its recipe")
+    zsub = pz.add_subparsers(dest="zoo_command", required=True)
+    zsub.add_parser("list", help="bundled checkpoints with their model-card metrics")
+    zt = zsub.add_parser("train", help="train FAMILY from its recipe (see probe.models.zoo.RECIPES)")
+    zt.add_argument("family")
+    zt.add_argument("--out", type=Path, default=None, help="checkpoint folder (default probe-zoo/FAMILY)")
+    zt.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    zt.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    zt.add_argument("--threads", type=int, default=None, help="torch threads (the cards record theirs)")
+
     pt = sub.add_parser("train", help="train a model")
     tsub = pt.add_subparsers(dest="family", required=True)
     pv = tsub.add_parser("vit", help="train a from-scratch ViT classifier")
@@ -216,6 +226,39 @@ def _run_without_images(args: argparse.Namespace, entry: registry.AnalysisEntry)
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from probe.models import zoo
+
+    if args.zoo_command == "list":
+        rows = [("model", "task", "metrics (test split)", "blind baseline", "steps", "train s", "size")]
+        for name in zoo.RECIPES:
+            if name not in zoo.bundled():
+                rows.append((name, zoo.RECIPES[name].task, "not bundled", "", "", "", ""))
+                continue
+            c = zoo.card(name)
+            m = c["metrics"]
+            main_m = {k: v for k, v in m.items() if not k.startswith("blind_")}
+            blind = {k[6:]: v for k, v in m.items() if k.startswith("blind_")}
+            size = zoo.size_bytes(zoo.demo_path(name))
+            rows.append((name, c["task"], " ".join(f"{k} {v:.1%}" for k, v in main_m.items()),
+                         " ".join(f"{k} {v:.1%}" for k, v in blind.items()), str(c["steps"]),
+                         f"{c['wall_seconds']:.0f}", f"{size / 1e6:.2f} MB"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print(f"total bundled: {zoo.size_bytes() / 1e6:.2f} MB in {zoo.ZOO_DIR}")
+        return 0
+    if args.family not in zoo.RECIPES:
+        raise CLIError(f"no zoo recipe for {args.family!r}; known: {', '.join(zoo.RECIPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("probe-zoo") / args.family
+    _, info = zoo.train_family(args.family, out, steps=args.steps, seed=args.seed)
+    print(f"{args.family}: {json.dumps(info['metrics'])} in {info['wall_seconds']:.0f} s; wrote {out}")
+    print(f"use it with --model {args.family} --weights {out}")
+    return 0
+
+
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from probe.shapes import write_dataset
 
@@ -263,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_runs(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "zoo":
+            return cmd_zoo(args)
         if args.command == "data":
             return cmd_data_shapes(args)
         if args.command == "train":

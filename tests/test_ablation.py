@@ -152,3 +152,4 @@ def test_cli_runs_the_default_suite_on_probe_shapes(tmp_path, store_root, capsys
     assert "blind" in out and "object:0" in out and "head sweep" in out
     run_dir = next(store_root.iterdir())
     assert {p.name for p in (run_dir / "figures").iterdir()} >= {"ablation_heads.png", "ablation_drop.png"}
+

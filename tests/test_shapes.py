@@ -78,3 +78,9 @@ def test_cli_writes_and_reader_reads_back(tmp_path, capsys):
         assert np.array_equal(a.masks, b.masks) and a.objects == b.objects
     with pytest.raises(FileNotFoundError, match="probe data shapes"):
         read_dataset(tmp_path)
+
+
+def test_objects_are_listed_in_reading_order():
+    for s in iter_split("train", 200):
+        xs = [o.centre for o in s.objects]
+        assert xs == sorted(xs)

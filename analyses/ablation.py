@@ -351,26 +351,13 @@ def run(
         if arg is not None and len(arg) != len(images):
             raise ValueError(f"{what}: give one entry per image ({len(images)} images, {len(arg)} given)")
     n = len(images)
-    px = adapter.preprocess(list(images))["pixel_values"]
-    ref = _caption_pixels(adapter, px, max_new_tokens)
-    lengths = [max(1, len(t)) for t in ref["tokens"]]
-    ids, mask = _reference_ids(adapter, ref["ids"], lengths)
+    px, ref, ids, mask = reference(adapter, images, max_new_tokens)
     attended = _attended_patches(adapter, px, ids, mask) if kind in ("region", "all") else None
     n_patch = adapter.n_image_tokens - 1
     variants = build_variants(adapter, kind, n, k=k or max(1, n_patch // 8), attended=attended, objects=objects,
                               seed=seed)
-    rows = [(v, i) for v in variants for i in range(n)]
-    chunks = _chunks(rows, batch_size, by_variant=loop)
-    logprob = torch.zeros(len(variants), n)
-    texts: list[list[str]] = [[""] * n for _ in variants]
-    tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
-    vindex = {id(v): j for j, v in enumerate(variants)}
-    for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
-        mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, max_new_tokens, generate)
-        for r, (v, i) in enumerate(chunk):
-            logprob[vindex[id(v)], i] = mean[r]
-            if generate:
-                texts[vindex[id(v)]][i], tokens[vindex[id(v)]][i] = tx[r], tk[r]
+    logprob, texts, tokens = evaluate_variants(adapter, variants, px, ids, mask, loop=loop, batch_size=batch_size,
+                                               generate=generate, max_new_tokens=max_new_tokens, progress=progress)
     drop = logprob[0:1] - logprob
     changed = [[_changed(ref["tokens"][i], tokens[j][i]) if generate else [] for i in range(n)]
                for j in range(len(variants))]
@@ -394,6 +381,49 @@ def run(
         head_scope=_head_hook(adapter, layers[0])[1] if layers else "", fusion=adapter.capabilities.fusion,
         truth=[t.caption for t in truth] if truth is not None else None, batched=not loop,
     )
+
+
+def evaluate_variants(
+    adapter: Any,
+    variants: Sequence[Variant],
+    px: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loop: bool = False,
+    batch_size: int = 64,
+    generate: bool = True,
+    max_new_tokens: int = 20,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[list[str]], list[list[list[str]]]]:
+    """Every variant on every image: mean log-prob per token of the reference `ids` (variants,
+    images), and with `generate` the greedy caption texts and tokens [variant][image].
+
+    Batched: (variant, image) rows packed `batch_size` at a time. `loop`: one forward per variant.
+    """
+    n = px.shape[0]
+    rows = [(v, i) for v in variants for i in range(n)]
+    chunks = _chunks(rows, batch_size, by_variant=loop)
+    logprob = torch.zeros(len(variants), n)
+    texts: list[list[str]] = [[""] * n for _ in variants]
+    tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
+    vindex = {id(v): j for j, v in enumerate(variants)}
+    for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
+        mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, max_new_tokens, generate)
+        for r, (v, i) in enumerate(chunk):
+            logprob[vindex[id(v)], i] = mean[r]
+            if generate:
+                texts[vindex[id(v)]][i], tokens[vindex[id(v)]][i] = tx[r], tk[r]
+    return logprob, texts, tokens
+
+
+def reference(adapter: Any, images: Sequence[Image.Image], max_new_tokens: int = 20
+              ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Pixels, the unablated greedy captions, and their ids and mask ([start] + tokens + end)."""
+    px = adapter.preprocess(list(images))["pixel_values"]
+    ref = _caption_pixels(adapter, px, max_new_tokens)
+    ids, mask = _reference_ids(adapter, ref["ids"], [max(1, len(t)) for t in ref["tokens"]])
+    return px, ref, ids, mask
 
 
 def _chunks(rows: list[tuple[Variant, int]], size: int, by_variant: bool) -> list[list[tuple[Variant, int]]]:

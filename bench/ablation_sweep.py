@@ -1,10 +1,11 @@
 """A full layer x head ablation sweep, batched variants against one forward per variant.
 
 For each family, the model ``--weights`` resolves to (default ``demo``: the bundled zoo
-checkpoint; ``tiny`` builds the small test config) runs `probe.analyses.ablation.run` with
-``kind="heads"`` plus ``kind="layers"`` (``none`` + every layer + every head) on 16 probe-shapes
-test images, log-probs only (``--generate`` adds the greedy caption of every variant). Variants,
-interleaved round by round on the same adapter:
+checkpoint) evaluates ``none`` + every layer + every head ablation
+(`probe.analyses.ablation.evaluate_variants`) on 16 probe-shapes test images: the teacher-forced
+log-prob of the reference caption, and with ``--generate`` also the greedy caption under every
+variant. The reference caption is computed once, outside the timing. Two ways, interleaved round
+by round on the same adapter:
 
   batched  every variant x image row packed into batched forwards (`--batch-size` rows each)
   loop     one forward per variant over the 16 images (what the batched path must equal)
@@ -34,14 +35,13 @@ from probe.shapes import iter_split
 FAMILIES = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
 
 
-def sweep(adapter, images, loop: bool, generate: bool, batch_size: int) -> tuple[float, torch.Tensor]:
+def sweep(adapter, variants, ref, loop: bool, generate: bool, batch_size: int) -> tuple[float, torch.Tensor]:
+    """Time the variants' forwards only (the reference caption is computed once, outside)."""
+    px, _, ids, mask = ref
     t = time.perf_counter()
-    lp = []
-    for kind in ("layers", "heads"):
-        r = ablation.run(adapter, images, kind=kind, loop=loop, generate=generate, batch_size=batch_size,
-                         progress=False)
-        lp.append(r.arrays["ablation.logprob"])
-    return time.perf_counter() - t, torch.cat(lp)
+    lp, _, _ = ablation.evaluate_variants(adapter, variants, px, ids, mask, loop=loop, batch_size=batch_size,
+                                          generate=generate)
+    return time.perf_counter() - t, lp
 
 
 def main() -> None:
@@ -60,14 +60,16 @@ def main() -> None:
     results = {}
     for name in args.families:
         adapter = registry.load_model(name, weights=args.weights)
-        n_variants = sum(len(ablation.build_variants(adapter, kind, len(images), k=1, attended=None, objects=None))
-                         for kind in ("layers", "heads"))  # each run includes its own "none"
-        sweep(adapter, images[:2], False, args.generate, args.batch_size)  # warm-up
+        ref = ablation.reference(adapter, images)
+        variants = ablation.build_variants(adapter, "all", len(images), k=1, attended=None, objects=None)
+        variants = [v for v in variants if v.kind in ("none", "layer", "head")]  # the full layer x head sweep
+        n_variants = len(variants)
+        sweep(adapter, variants[:3], ablation.reference(adapter, images[:2]), False, args.generate, args.batch_size)
         times = {"batched": [], "loop": []}
         diff = 0.0
         for _ in range(args.rounds):
-            tb, lb = sweep(adapter, images, False, args.generate, args.batch_size)
-            tl, ll = sweep(adapter, images, True, args.generate, args.batch_size)
+            tb, lb = sweep(adapter, variants, ref, False, args.generate, args.batch_size)
+            tl, ll = sweep(adapter, variants, ref, True, args.generate, args.batch_size)
             times["batched"].append(tb)
             times["loop"].append(tl)
             diff = max(diff, float((lb - ll).abs().max()))

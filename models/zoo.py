@@ -165,12 +165,21 @@ RECIPES: dict[str, Recipe] = {
        for k in VIT_KINDS},
     "vit-gpt2": Recipe("vit-gpt2", "caption", _HF, n_train=12000, steps=2500, lr=2e-3),
     "blip": Recipe("blip", "caption", _HF, n_train=12000, steps=2500, lr=2e-3),
-    "git": Recipe("git", "caption", _HF, n_train=12000, steps=2500, lr=2e-3),
+    "git": Recipe("git", "caption", _HF, n_train=12000, steps=2500, lr=2e-3,
+                  extra={"note": "misses the quality bar (objects 80.1%, exact 39.8% against 0% blind): at the "
+                         "same size, steps and learning rate as BLIP and ViT-GPT2 its training loss ends 3x "
+                         "higher (0.26 against 0.08), so GIT's single joint stack learns this task slower; more "
+                         "steps should lift it."}),
     "prefix-vlm": Recipe("prefix-vlm", "caption",
                          {"decoder": {"d_model": 96, "depth": 3, "heads": 4, "max_len": 96, "train_decoder": True},
                           "vision": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                                      "intermediate_size": 256, "image_size": 64, "patch_size": 8}},
-                         n_train=12000, steps=3000, lr=2e-3),
+                         n_train=12000, steps=3000, lr=2e-3,
+                         extra={"note": "misses the 90% objects bar (88.6%): by design only the projection and decoder "
+                                "train, and the frozen ViT here is random (no pretrained ViT can be downloaded), so "
+                                "the prefix carries random patch features; most errors are relations (above/left "
+                                "of) and small-object shapes. Pretraining the frozen ViT on probe-shapes first, or "
+                                "more than 3000 steps, should lift it."}),
     "mmca": Recipe("mmca", "caption",
                    {"dim": 96, "depth": 3, "heads": 4, "max_len": 96,
                     "vision": {"dim": 64, "depth": 3, "heads": 4, "image_size": 64, "patch_size": 8}},
@@ -282,6 +291,18 @@ def measure(adapter: Any, task: str, *, n_test: int = 512, data_seed: int = 0, i
     return out
 
 
+def quality(task: str, metrics: dict[str, float], note: str = "") -> dict[str, Any]:
+    """The zoo's quality bar: classifiers >= 90% top-1; captioners naming >= 90% of objects with
+    exact-match accuracy >= 30 points above their blind baseline. `note` says why a miss happened."""
+    if task == "classify":
+        met = metrics["top1"] >= 0.90
+        bar = "top1 >= 0.90"
+    else:
+        met = metrics["objects"] >= 0.90 and metrics["exact"] >= metrics["blind_exact"] + 0.30
+        bar = "objects >= 0.90 and exact >= blind_exact + 0.30"
+    return {"bar": bar, "met": met, "note": "" if met else note}
+
+
 def _max_new(adapter: Any) -> int:
     return 90 if adapter.name in ("prefix-vlm", "mmca") else 24
 
@@ -347,7 +368,8 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
     info = {
         "name": name, "task": r.task, "recipe": asdict(r), "data": "probe-shapes", "data_seed": r.data_seed,
         "steps": r.steps, "wall_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-        "final_loss": float(np.mean(losses[-50:])), "metrics": metrics, "check": check, "weights_dtype": r.dtype,
+        "final_loss": float(np.mean(losses[-50:])), "metrics": metrics, "check": check,
+        "quality_bar": quality(r.task, metrics, r.extra.get("note", "")), "weights_dtype": r.dtype,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in params),
         "torch": torch.__version__,
@@ -401,3 +423,38 @@ def size_bytes(root: Path | None = None) -> int:
     """Bytes of everything under the zoo folder."""
     root = root or ZOO_DIR
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+def markdown_table() -> str:
+    """The bundled checkpoints and their model-card metrics, as Markdown (``probe zoo list``)."""
+    head = "| model | task | test metrics | blind baseline | params | steps | train s (threads) | MB |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    have = set(bundled())
+    for name, r in RECIPES.items():
+        if name not in have:
+            lines.append(f"| {name} | {r.task} | not bundled | | | | | |")
+            continue
+        c = card(name)
+        m = c["metrics"]
+        main = ", ".join(f"{k} {v:.1%}" for k, v in m.items() if not k.startswith("blind_"))
+        blind = ", ".join(f"{k[6:]} {v:.1%}" for k, v in m.items() if k.startswith("blind_")) or "-"
+        lines.append(f"| {name} | {c['task']} | {main} | {blind} | {c['parameters']:,} | {c['steps']} | "
+                     f"{c['wall_seconds']:.0f} ({c['threads']}) | {size_bytes(demo_path(name)) / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def add_check(folder: str | Path) -> dict[str, Any]:
+    """Load the checkpoint in `folder` through the public API, measure it on the first `CHECK_N`
+    test images and write that to its card as ``check`` (cards made before the field existed)."""
+    from probe import registry
+    from probe.io import atomic_write_text
+
+    folder = Path(folder)
+    info = json.loads((folder / CARD).read_text())
+    a = registry.load_model(info["name"], weights=str(folder))
+    n = min(CHECK_N, info["recipe"]["n_test"])
+    info["quality_bar"] = quality(info["task"], info["metrics"], RECIPES[info["name"]].extra.get("note", ""))
+    info["check"] = {"n_test": n, "metrics": measure(a, info["task"], n_test=n, data_seed=info["data_seed"],
+                                                     image_size=info["recipe"]["image_size"])}
+    atomic_write_text(folder / CARD, json.dumps(info, indent=2) + "\n")
+    return info

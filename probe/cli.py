@@ -230,23 +230,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from probe.models import zoo
 
     if args.zoo_command == "list":
-        rows = [("model", "task", "metrics (test split)", "blind baseline", "steps", "train s", "size")]
-        for name in zoo.RECIPES:
-            if name not in zoo.bundled():
-                rows.append((name, zoo.RECIPES[name].task, "not bundled", "", "", "", ""))
-                continue
-            c = zoo.card(name)
-            m = c["metrics"]
-            main_m = {k: v for k, v in m.items() if not k.startswith("blind_")}
-            blind = {k[6:]: v for k, v in m.items() if k.startswith("blind_")}
-            size = zoo.size_bytes(zoo.demo_path(name))
-            rows.append((name, c["task"], " ".join(f"{k} {v:.1%}" for k, v in main_m.items()),
-                         " ".join(f"{k} {v:.1%}" for k, v in blind.items()), str(c["steps"]),
-                         f"{c['wall_seconds']:.0f}", f"{size / 1e6:.2f} MB"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        print(f"total bundled: {zoo.size_bytes() / 1e6:.2f} MB in {zoo.ZOO_DIR}")
+        print(zoo.markdown_table())
+        print(f"\ntotal bundled: {zoo.size_bytes() / 1e6:.2f} MB in {zoo.ZOO_DIR}")
         return 0
     if args.family not in zoo.RECIPES:
         raise CLIError(f"no zoo recipe for {args.family!r}; known: {', '.join(zoo.RECIPES)}")

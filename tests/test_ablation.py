@@ -153,3 +153,26 @@ def test_cli_runs_the_default_suite_on_probe_shapes(tmp_path, store_root, capsys
     run_dir = next(store_root.iterdir())
     assert {p.name for p in (run_dir / "figures").iterdir()} >= {"ablation_heads.png", "ablation_drop.png"}
 
+
+
+@pytest.mark.parametrize("name", ["blip"])
+def test_on_the_zoo_captioner_blind_falls_to_the_prior_and_objects_matter(name):
+    """Bundled probe-shapes captioner, 48 test images: blind captions are one image-independent
+    caption (so accuracy is that of a text-only guess), and removing an object's patches loses its
+    colour+shape words more often than removing as many random patches."""
+    from probe.models import zoo
+
+    a = registry.load_model(name, weights="demo")
+    samples = list(iter_split("test", 48))
+    r = ablation.run(a, [s.image for s in samples], kind="region", objects=[s.masks for s in samples],
+                     truth=samples, progress=False)
+    names = [v["name"] for v in r.variants]
+    blind = ablation.run(a, [s.image for s in samples], kind="blind", truth=samples, progress=False)
+    blind_caps = blind.captions[[v["name"] for v in blind.variants].index("blind")]
+    assert len(set(blind_caps)) == 1
+    best_constant = max(zoo.caption_metrics([c] * len(samples), samples)["exact"] for c in {s.caption for s in samples})
+    assert blind.accuracy["blind"]["exact"] <= best_constant
+    assert r.accuracy["none"]["exact"] > 0.5
+    lost = r.object_words
+    assert lost["object:0"] > lost["object-random:0"] + 0.2, lost
+    assert names[0] == "none"

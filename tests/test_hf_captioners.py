@@ -323,6 +323,9 @@ def test_clear_errors(folders, tmp_path, monkeypatch, images):
         BlipAdapter.load(weights="someone/not-a-cached-model")
     with pytest.raises(WeightsNotFound, match="does not exist"):
         GitAdapter.load(weights=str(tmp_path / "missing"))
+    from probe.models import zoo
+
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "no-zoo")  # a checkout without the bundled zoo
     with pytest.raises(WeightsNotFound, match="no demo weights"):
         ViTGPT2Adapter.load(weights="demo")
     adapter = load("vit-gpt2", folders)

@@ -84,3 +84,16 @@ def test_objects_are_listed_in_reading_order():
     for s in iter_split("train", 200):
         xs = [o.centre for o in s.objects]
         assert xs == sorted(xs)
+
+
+def test_bundled_images_are_probe_shapes_test_samples():
+    import numpy as np
+
+    from probe.cli import bundled_images
+    from probe.data import open_rgb
+
+    paths = bundled_images()
+    samples = list(iter_split("test", len(paths)))
+    assert [p.name for p in paths] == [f"shapes_test_{s.index:03d}.png" for s in samples]
+    for p, s in zip(paths, samples, strict=True):
+        assert np.array_equal(np.asarray(open_rgb(p)), np.asarray(s.image))

@@ -53,8 +53,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--generate", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ablation_sweep.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/ablation_sweep.json (ablation_sweep_generate.json with --generate)")
     args = ap.parse_args()
+    if args.out is None:
+        name = "ablation_sweep_generate.json" if args.generate else "ablation_sweep.json"
+        args.out = Path(__file__).parent / "results" / name
     torch.set_num_threads(args.threads)
     images = [s.image for s in iter_split("test", args.images)]
     results = {}

@@ -122,10 +122,8 @@ def _reference_ids(adapter: Any, new: torch.Tensor, lengths: Sequence[int]) -> t
 
 
 def _text_batch(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    batch = {"pixel_values": px, "input_ids": ids.to(adapter.device)}
-    if hasattr(adapter, "specials"):  # transformers captioners take a padding mask
-        batch["attention_mask"] = mask.to(adapter.device)
-    return batch
+    # the padding mask is read by the transformers captioners; ours decode causally and ignore it
+    return {"pixel_values": px, "input_ids": ids.to(adapter.device), "attention_mask": mask.to(adapter.device)}
 
 
 def _flow_layers(adapter: Any) -> list[int]:
@@ -241,10 +239,7 @@ def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.
 
 def _caption_pixels(adapter: Any, px: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
     """Greedy captions from preprocessed pixels (the same decoding as `adapter.caption`)."""
-    if hasattr(adapter, "_generate"):
-        out = adapter._generate(px, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        return adapter._decode(out[:, adapter.prompt_len :])
-    return adapter._decode(adapter.model.generate(px, max_new_tokens)[:, 1:])
+    return adapter.caption_pixels(px, max_new_tokens)
 
 
 def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from probe.adapter import PARAM_GROUPS, ModelAdapter
+from probe.fusion import CAPTIONERS
 from probe.results import CAParamsResult
 
 NAME = "ca-params"
 SUMMARY = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"
 DEFAULT_MODEL = "all"
 NEEDS_IMAGES = False
-CAPTIONERS = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
 
 
 def _declared(adapter: ModelAdapter) -> dict[str, str]:

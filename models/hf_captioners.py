@@ -314,9 +314,15 @@ class HFCaptionerAdapter(ModelAdapter):
             ``{"ids": (b, new tokens) tensor, "tokens": [[str]] up to and including the end token,
             "text": [str]}``.
         """
-        px = self.preprocess(images)["pixel_values"]
+        return self.caption_pixels(self.preprocess(images)["pixel_values"], max_new_tokens, num_beams,
+                                   **generate_kwargs)
+
+    @torch.no_grad()
+    def caption_pixels(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, num_beams: int = 1,
+                       **generate_kwargs: Any) -> dict[str, Any]:
+        """`caption` from preprocessed ``pixel_values`` (b, 3, H, W)."""
         generate_kwargs.setdefault("do_sample", False)
-        out = self._generate(px, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
+        out = self._generate(pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
         return self._decode(out[:, self.prompt_len :])
 
     def _decode(self, new: torch.Tensor) -> dict[str, Any]:

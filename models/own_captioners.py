@@ -99,10 +99,14 @@ class CharCaptionerAdapter(ModelAdapter):
     def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 32, num_beams: int = 1) -> dict[str, Any]:
         """Greedy captions: ``{"ids": (b, new tokens), "tokens": [[str]] up to and including <eos>,
         "text": [str]}``, the same contract as the transformers captioners."""
+        return self.caption_pixels(self.preprocess(images)["pixel_values"], max_new_tokens, num_beams)
+
+    @torch.no_grad()
+    def caption_pixels(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1) -> dict[str, Any]:
+        """`caption` from preprocessed ``pixel_values`` (b, 3, H, W)."""
         if num_beams != 1:
             raise ValueError("our character captioners decode greedily; use num_beams=1")
-        ids = self.model.generate(self.preprocess(images)["pixel_values"], max_new_tokens)
-        return self._decode(ids[:, 1:])
+        return self._decode(self.model.generate(pixel_values, max_new_tokens)[:, 1:])
 
     def _decode(self, new: torch.Tensor) -> dict[str, Any]:
         tok = self.tokenizer

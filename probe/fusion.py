@@ -16,13 +16,9 @@ START, END = "<!-- fusion-table:start -->", "<!-- fusion-table:end -->"
 
 def _adapter(name: str) -> Any:
     """The published architecture on the meta device where there is one, else the small default."""
-    from probe import registry
+    from probe.analyses.ca_params import accounting_adapter
 
-    loader = registry.model_entry(name).loader
-    owner = getattr(loader, "__self__", None)
-    if owner is not None and hasattr(owner, "on_meta"):
-        return owner.on_meta()
-    return registry.load_model(name, weights="random")
+    return accounting_adapter(name, full_size=True)
 
 
 def _template(paths: list[str]) -> str:

@@ -23,7 +23,7 @@ forwards; `loop=True` runs one forward per variant (the reference the batched pa
 Metrics per variant and image: the teacher-forced log-probability of the reference caption (the
 unablated greedy caption, end token included; mean per token) and its drop from ``none``; the
 greedy caption under the ablation; which reference token positions changed; and, with ground
-truth, the caption accuracy (`probe.models.zoo.caption_metrics`).
+truth, the caption accuracy (`probe.zoo.caption_metrics`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from probe.adapter import ModelAdapter
 from probe.capture import Intervention, MaskTokens, ZeroHeads, intervene
-from probe.results import AblationResult
+from probe.runs.results import AblationResult
 
 NAME = "ablation"
 SUMMARY = "remove image tokens, regions, layers or heads: log-prob drop of the caption, captions, accuracy"
@@ -326,7 +326,7 @@ def run(
 
     Args:
         objects: per image, bool masks (objects, H, W) of its objects (probe-shapes) for the
-            ``object:j`` variants. truth: per image, a `probe.shapes.ShapesSample` for accuracy.
+            ``object:j`` variants. truth: per image, a `probe.data.shapes.ShapesSample` for accuracy.
         k: patches per top-k / random-k region (default 1/8 of the patches).
         batch_size: rows (variant x image) per batched forward. loop: one forward per variant.
         generate: also generate the caption under each variant (the slow part).
@@ -364,7 +364,7 @@ def run(
             heads[layers.index(v.head[0]), v.head[1]] = drop[j].mean()
     accuracy = None
     if truth is not None and generate:
-        from probe.models.zoo import caption_metrics
+        from probe.zoo import caption_metrics
 
         accuracy = {v.name: caption_metrics(texts[j], truth) for j, v in enumerate(variants)}
     object_words = _object_words(variants, texts, truth) if truth is not None and generate else None
@@ -440,7 +440,7 @@ def _object_words(variants: Sequence[Variant], texts: list[list[str]], truth: Se
     object j's colour and shape and the ablated caption no longer does."""
     from collections import Counter
 
-    from probe.models.zoo import _PAIR, normalise
+    from probe.zoo import _PAIR, normalise
 
     base = texts[0]
     out: dict[str, float] = {}
@@ -526,7 +526,7 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def default_inputs(args: argparse.Namespace, image_size: int = 64) -> tuple[list[Image.Image], list[str], dict[str, Any]]:
     """Probe-shapes test images with their masks and ground truth (when no --images are given)."""
-    from probe.shapes import iter_split
+    from probe.data.shapes import iter_split
 
     samples = list(iter_split("test", args.shapes, seed=0, image_size=image_size))
     return ([s.image for s in samples], [f"shapes_test_{s.index:03d}" for s in samples],

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from probe.adapter import ModelAdapter
 from probe.capture import capture
 from probe.data import images_to_uint8
-from probe.hooks import VISION_PATTERN, layer_of, select
 from probe.render import render_attention
-from probe.results import AttentionResult
+from probe.runs.results import AttentionResult
+from probe.types import VISION_PATTERN, layer_of, select
 
 NAME = "attention"
 SUMMARY = "attention maps per layer (head-mean CLS row over the patches), overlaid on the images"

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from probe.adapter import PARAM_GROUPS, ModelAdapter
-from probe.fusion import CAPTIONERS
-from probe.results import CAParamsResult
+from probe.adapter import ModelAdapter
+from probe.docs import CAPTIONERS
+from probe.runs.results import CAParamsResult
+from probe.types import PARAM_GROUPS
 
 NAME = "ca-params"
 SUMMARY = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"

@@ -24,9 +24,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
-from probe.adapter import InputMeta, ModelAdapter
+from probe.adapter import ModelAdapter
 from probe.data import images_to_uint8
-from probe.results import FlowResult
+from probe.runs.results import FlowResult
+from probe.types import InputMeta
 
 NAME = "flow"
 SUMMARY = "per generated token and layer: attention mass on the image, top patches, token x patch maps"

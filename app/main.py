@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from probe.store import DEFAULT_STORE_ENV, RunStore, default_store_root
+from probe.runs.store import DEFAULT_STORE_ENV, RunStore, default_store_root
 
 st.set_page_config(page_title="probe runs", layout="wide")
 st.title("probe: saved runs")

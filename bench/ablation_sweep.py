@@ -29,8 +29,8 @@ import torch
 
 from probe import registry
 from probe.analyses import ablation
+from probe.data.shapes import iter_split
 from probe.io import atomic_write_text
-from probe.shapes import iter_split
 
 FAMILIES = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
 

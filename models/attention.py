@@ -1,7 +1,7 @@
 """The six ViT attention kinds, written from scratch.
 
 Every kind maps (batch, n, dim) -> (batch, n, dim), has ``out_proj`` fed by the concatenated
-per-head outputs (the ``attn.z`` hook), honours key masks from `probe.sites` and emits its
+per-head outputs (the ``attn.z`` hook), honours key masks from `probe.capture.sites` and emits its
 pattern lazily: exact softmax for ``standard`` and ``merged_qkv``, the effective token-by-token
 matrix for the others (formulas in ../shared/REFERENCES.md, cited per class).
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe import sites
-from probe.sites import Index, PatternSource, keep_to_additive, select_heads, select_rows
+from probe.capture import sites
+from probe.capture.sites import Index, PatternSource, keep_to_additive, select_heads, select_rows
 
 ATTENTION_KINDS = ("standard", "merged_qkv", "linformer", "performer", "nystrom", "hybrid")
 APPROXIMATE_KINDS = frozenset({"linformer", "performer", "nystrom", "hybrid"})

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from probe.adapter import Capabilities
-from probe.hooks import (
+from probe.models.hf_captioners import HFCaptionerAdapter, Specials
+from probe.types import (
     TEXT_PATTERN,
     TEXT_RESID_POST,
     TEXT_XATTN_PATTERN,
@@ -24,9 +24,9 @@ from probe.hooks import (
     VISION_PATTERN,
     VISION_RESID_POST,
     VISION_Z,
+    Capabilities,
     HookSpec,
 )
-from probe.models.hf_captioners import HFCaptionerAdapter, Specials
 
 HUB_ID = "Salesforce/blip-image-captioning-base"
 

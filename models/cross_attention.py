@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from probe import sites
-from probe.sites import PatternSource, keep_to_additive
+from probe.capture import sites
+from probe.capture.sites import PatternSource, keep_to_additive
 
 
 def _masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from probe import hf_attention
-from probe.adapter import Capabilities
-from probe.hooks import (
+from probe.capture import hf_attention
+from probe.models.hf_captioners import HFCaptionerAdapter, Specials
+from probe.types import (
     FUSION_PROJ,
     TEXT_PATTERN,
     TEXT_RESID_POST,
@@ -23,9 +23,9 @@ from probe.hooks import (
     VISION_PATTERN,
     VISION_RESID_POST,
     VISION_Z,
+    Capabilities,
     HookSpec,
 )
-from probe.models.hf_captioners import HFCaptionerAdapter, Specials
 
 HUB_ID = "microsoft/git-base-coco"
 

@@ -23,14 +23,14 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from probe import hf_attention
-from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo
-from probe.cache import ActivationCache
-from probe.capture import HeadReduction, Intervention, MaskTokens
+from probe.adapter import ModelAdapter
+from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
+from probe.capture.cache import ActivationCache
+from probe.capture.generation import generate_and_capture, generated_tokens
 from probe.data import to_rgb
-from probe.generation import generate_and_capture, generated_tokens
-from probe.models.zoo import demo_path
+from probe.types import Capabilities, InputMeta, WeightsInfo
 from probe.weights import hub_reachable, load_hf, offline
+from probe.zoo import demo_path
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class HFCaptionerAdapter(ModelAdapter):
         start, eos, pad = (tok.convert_tokens_to_ids(cls.tiny_specials[r]) for r in cls.tiny_roles)
         torch.manual_seed(seed)
         model = cls._from_config(cls.tiny_config(len(tok), Specials(start, eos, pad), **config_kw))
-        from probe.adapter import state_dict_sha256
+        from probe.weights import state_dict_sha256
 
         info = WeightsInfo("random", f"tiny {cls.name}, seed={seed}", state_dict_sha256(model))
         return cls(model, cls._image_processor(None, model), tok, info)

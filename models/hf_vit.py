@@ -13,10 +13,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from probe import hf_attention
-from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo
+from probe.adapter import ModelAdapter
+from probe.capture import hf_attention
 from probe.data import to_rgb
-from probe.hooks import VISION_PATTERN, VISION_RESID_POST, VISION_Z, HookSpec
+from probe.types import (
+    VISION_PATTERN,
+    VISION_RESID_POST,
+    VISION_Z,
+    Capabilities,
+    HookSpec,
+    InputMeta,
+    WeightsInfo,
+)
 from probe.weights import load_hf
 
 HUB_ID = "google/vit-base-patch16-224"

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from probe import sites
+from probe.capture import sites
+from probe.capture.sites import AttentionSite, PatternSource, keep_to_additive
 from probe.models.text import EncodeDecodeCaptioner
 from probe.models.vit import ViT, ViTConfig
-from probe.sites import AttentionSite, PatternSource, keep_to_additive
 
 
 class MMCAAttention(nn.Module):

@@ -18,27 +18,30 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probe import hf_attention
-from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, files_sha256, state_dict_sha256
-from probe.cache import ActivationCache
-from probe.capture import HeadReduction, Intervention, MaskTokens
+from probe.adapter import ModelAdapter
+from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
+from probe.capture.cache import ActivationCache
+from probe.capture.generation import generate_and_capture, generated_tokens
 from probe.data import images_to_tensor
-from probe.generation import generate_and_capture, generated_tokens
-from probe.hooks import (
-    FUSION_PROJ,
-    TEXT_PATTERN,
-    TEXT_RESID_POST,
-    TEXT_XATTN_PATTERN,
-    TEXT_Z,
-    HookSpec,
-)
 from probe.io import atomic_dir
 from probe.models.hf_vit import vision_specs
 from probe.models.mmca import MMCACaptioner, MMCAConfig
 from probe.models.prefix_vlm import PrefixDecoderConfig, PrefixVLM
 from probe.models.text import CharTokenizer
 from probe.models.vit import vit_specs
-from probe.models.zoo import source_of
+from probe.types import (
+    FUSION_PROJ,
+    TEXT_PATTERN,
+    TEXT_RESID_POST,
+    TEXT_XATTN_PATTERN,
+    TEXT_Z,
+    Capabilities,
+    HookSpec,
+    InputMeta,
+    WeightsInfo,
+)
+from probe.weights import files_sha256, state_dict_sha256
+from probe.zoo import source_of
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def _auto(weights: str, name: str) -> str:
     """``demo``/``auto`` -> the bundled zoo checkpoint; ``auto`` without one -> ``random``."""
     if weights not in ("auto", "demo"):
         return weights
-    from probe.models.zoo import demo_path
+    from probe.zoo import demo_path
 
     demo = demo_path(name)
     if (demo / "config.json").is_file():

@@ -18,12 +18,21 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, files_sha256, state_dict_sha256
+from probe.adapter import ModelAdapter
 from probe.data import images_to_tensor
-from probe.hooks import VISION_PATTERN, VISION_RESID_POST, VISION_Z, HookSpec
 from probe.io import atomic_dir
 from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
-from probe.models.zoo import source_of
+from probe.types import (
+    VISION_PATTERN,
+    VISION_RESID_POST,
+    VISION_Z,
+    Capabilities,
+    HookSpec,
+    InputMeta,
+    WeightsInfo,
+)
+from probe.weights import files_sha256, state_dict_sha256
+from probe.zoo import source_of
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +201,7 @@ class ViTAdapter(ModelAdapter):
         """
         name = f"vit-{attention.replace('_', '-')}"
         if weights in ("auto", "demo"):
-            from probe.models.zoo import demo_path
+            from probe.zoo import demo_path
 
             demo = demo_path(name)
             if (demo / "config.json").is_file():

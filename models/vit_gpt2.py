@@ -12,11 +12,18 @@ from typing import Any
 
 import torch
 
-from probe import hf_attention
-from probe.adapter import Capabilities
-from probe.hooks import TEXT_PATTERN, TEXT_RESID_POST, TEXT_XATTN_PATTERN, TEXT_XATTN_Z, TEXT_Z, HookSpec
+from probe.capture import hf_attention
 from probe.models.hf_captioners import HFCaptionerAdapter, Specials
 from probe.models.hf_vit import vision_specs
+from probe.types import (
+    TEXT_PATTERN,
+    TEXT_RESID_POST,
+    TEXT_XATTN_PATTERN,
+    TEXT_XATTN_Z,
+    TEXT_Z,
+    Capabilities,
+    HookSpec,
+)
 
 HUB_ID = "nlpconnect/vit-gpt2-image-captioning"
 

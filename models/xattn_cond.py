@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from probe.adapter import Capabilities, InputMeta, ModelAdapter, WeightsInfo, state_dict_sha256
+from probe.adapter import ModelAdapter
 from probe.capture import Intervention, Replace
 from probe.data import images_to_tensor
-from probe.hooks import HookSpec
 from probe.models.cross_attention import TextConditionedClassifier
 from probe.models.text import CharTokenizer
+from probe.types import Capabilities, HookSpec, InputMeta, WeightsInfo
+from probe.weights import state_dict_sha256
 
 
 class ConditioningAdapter(ModelAdapter):

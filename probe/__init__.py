@@ -10,11 +10,11 @@ The Python API in one import::
 
 __version__ = "0.1.0"
 
-from probe.cache import ActivationCache
 from probe.capture import MaskTokens, Replace, ZeroHeads, capture, intervene
+from probe.capture import ActivationCache
 from probe.data import load_images
 from probe.registry import load_model, models
-from probe.store import RunStore
+from probe.runs.store import RunStore
 
 __all__ = [
     "ActivationCache",

@@ -15,7 +15,7 @@ import torch
 
 from probe import registry
 from probe.data import ImageLoadError, load_images
-from probe.store import RunStore, default_store_root
+from probe.runs.store import RunStore, default_store_root
 
 log = logging.getLogger("probe")
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     pz = sub.add_parser("zoo", help="the bundled probe-shapes models: list them, or rebuild one from its recipe")
     zsub = pz.add_subparsers(dest="zoo_command", required=True)
     zsub.add_parser("list", help="bundled checkpoints with their model-card metrics")
-    zt = zsub.add_parser("train", help="train FAMILY from its recipe (see probe.models.zoo.RECIPES)")
+    zt = zsub.add_parser("train", help="train FAMILY from its recipe (see probe.zoo.RECIPES)")
     zt.add_argument("family")
     zt.add_argument("--out", type=Path, default=None, help="checkpoint folder (default probe-zoo/FAMILY)")
     zt.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_models(args: argparse.Namespace) -> int:
     entries = registry.models()
     if args.fusion:
-        from probe.fusion import fusion_markdown
+        from probe.docs import fusion_markdown
 
         print(fusion_markdown())
         return 0
@@ -227,7 +227,7 @@ def _run_without_images(args: argparse.Namespace, entry: registry.AnalysisEntry)
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from probe.models import zoo
+    from probe import zoo
 
     if args.zoo_command == "list":
         print(zoo.markdown_table())
@@ -245,7 +245,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from probe.shapes import write_dataset
+    from probe.data.shapes import write_dataset
 
     t0 = time.perf_counter()
     out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from probe.adapter import Capabilities, ModelAdapter
+from probe.adapter import ModelAdapter
+from probe.types import Capabilities
 
 
 class UnknownNameError(KeyError):

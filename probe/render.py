@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from probe.results import AttentionResult
+from probe.runs.results import AttentionResult
 
 MAX_IMAGES = 8
 

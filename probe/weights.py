@@ -6,15 +6,39 @@ Nothing hangs without a network: ``auto`` looks in the local cache first, and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from probe.adapter import WeightsInfo, files_sha256, state_dict_sha256
+import torch
+from torch import nn
+
+from probe.types import WeightsInfo
 
 log = logging.getLogger(__name__)
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 over parameter and buffer names, shapes, dtypes and bytes, in a fixed order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """SHA-256 over the bytes of weight files, in sorted name order."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class WeightsNotFound(FileNotFoundError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from probe.hooks import HookSpec
+from probe.types import HookSpec
 
 
 class ModuleHooks:

@@ -10,10 +10,10 @@ import torch
 from probe import registry
 from probe.analyses import ablation
 from probe.capture import capture, intervene
+from probe.data.shapes import iter_split
 from probe.models.blip import BlipAdapter
 from probe.models.git import GitAdapter
 from probe.models.vit_gpt2 import ViTGPT2Adapter
-from probe.shapes import iter_split
 
 TINY = {
     "vit-gpt2": lambda: ViTGPT2Adapter.tiny(seed=1, image_size=64),
@@ -126,7 +126,7 @@ def test_head_variant_zeroes_that_cross_attention_head_per_row(name, adapters, s
 
 
 def test_result_round_trips_through_the_store(adapters, samples, store_root):
-    from probe.store import RunStore
+    from probe.runs.store import RunStore
 
     r = ablation.run(adapters["blip"], [s.image for s in samples], kind="layers", generate=False, progress=False)
     run = RunStore(store_root).save({"analysis": "ablation", "model": {"name": "blip"}}, r, ablation.render(r))
@@ -160,7 +160,7 @@ def test_on_the_zoo_captioner_blind_falls_to_the_prior_and_objects_matter(name):
     """Bundled probe-shapes captioner, 48 test images: blind captions are one image-independent
     caption (so accuracy is that of a text-only guess), and removing an object's patches loses its
     colour+shape words more often than removing as many random patches."""
-    from probe.models import zoo
+    from probe import zoo
 
     a = registry.load_model(name, weights="demo")
     samples = list(iter_split("test", 48))

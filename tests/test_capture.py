@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe import sites
-from probe.capture import MaskTokens, Replace, ZeroHeads, capture, intervene
-from probe.hooks import select
+from probe.capture import MaskTokens, Replace, ZeroHeads, capture, intervene, sites
 from probe.registry import load_model
+from probe.types import select
 
 
 @pytest.fixture

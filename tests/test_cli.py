@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from probe.cli import main
-from probe.store import RunStore
+from probe.runs.store import RunStore
 
 
 @pytest.fixture

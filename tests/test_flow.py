@@ -12,7 +12,7 @@ from probe.models.blip import BlipAdapter
 from probe.models.git import GitAdapter
 from probe.models.vit_gpt2 import ViTGPT2Adapter
 from probe.registry import load_model
-from probe.store import RunStore
+from probe.runs.store import RunStore
 
 FAMILIES = {"vit-gpt2": ViTGPT2Adapter, "blip": BlipAdapter, "git": GitAdapter}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probe.fusion import fusion_markdown, fusion_row, readme_block
+from probe.docs import fusion_markdown, fusion_row, readme_block
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

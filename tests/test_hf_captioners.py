@@ -15,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probe import sites
-from probe.capture import capture, intervene
+from probe.capture import capture, intervene, sites
 from probe.data import ImageLoadError
 from probe.models.blip import BlipAdapter
 from probe.models.git import GitAdapter
@@ -323,7 +322,7 @@ def test_clear_errors(folders, tmp_path, monkeypatch, images):
         BlipAdapter.load(weights="someone/not-a-cached-model")
     with pytest.raises(WeightsNotFound, match="does not exist"):
         GitAdapter.load(weights=str(tmp_path / "missing"))
-    from probe.models import zoo
+    from probe import zoo
 
     monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "no-zoo")  # a checkout without the bundled zoo
     with pytest.raises(WeightsNotFound, match="no demo weights"):

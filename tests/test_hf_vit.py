@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from probe import sites
-from probe.capture import MaskTokens, ZeroHeads, capture, intervene
+from probe.capture import MaskTokens, ZeroHeads, capture, intervene, sites
 from probe.models.hf_vit import HFViTAdapter
 from probe.weights import WeightsNotFound
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from probe.cli import main
-from probe.shapes import BACKGROUND, COLOURS, iter_split, read_dataset, relation, rle_decode, rle_encode
+from probe.data.shapes import BACKGROUND, COLOURS, iter_split, read_dataset, relation, rle_decode, rle_encode
 
 PHRASE = r"a (small|large) (red|green|blue|yellow) (circle|square|triangle)"
 GRAMMAR = re.compile(rf"^{PHRASE}(?: (left of|right of|above|below) {PHRASE})?((?: and {PHRASE})*)$")

@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from probe import store as store_mod
-from probe.results import AttentionResult
-from probe.store import RunStore
+from probe.runs import store as store_mod
+from probe.runs.results import AttentionResult
+from probe.runs.store import RunStore
 
 
 def make_result(b: int = 2) -> AttentionResult:

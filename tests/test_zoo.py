@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from probe import registry
-from probe.models import zoo
-from probe.shapes import iter_split
+from probe import registry, zoo
+from probe.data.shapes import iter_split
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -51,7 +50,7 @@ def test_auto_resolves_to_the_bundled_weights(caplog):
 
 
 def test_largest_label_ignores_ties():
-    from probe.shapes import ShapeObject
+    from probe.data.shapes import ShapeObject
 
     objs = (ShapeObject("square", "red", "large", (0, 0, 3, 3)), ShapeObject("square", "blue", "large", (5, 5, 8, 8)))
     masks = np.zeros((2, 10, 10), dtype=bool)

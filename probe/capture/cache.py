@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from probe.adapter import InputMeta
-from probe.hooks import HookSpec
+from probe.types import HookSpec, InputMeta
 
 
 class ActivationCache:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probe.hooks import select
+from probe.types import select
 
 CAPTIONERS = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
 START, END = "<!-- fusion-table:start -->", "<!-- fusion-table:end -->"

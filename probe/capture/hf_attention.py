@@ -2,7 +2,7 @@
 
 Registered as ``probe_capture``. It computes every layer's output with transformers' own SDPA
 function (the fast kernel; output bit-identical to ``sdpa``) and, only for modules that a capture
-listens to, hands `probe.sites` a lazy `PatternSource` from which the listener computes
+listens to, hands `probe.capture.sites` a lazy `PatternSource` from which the listener computes
 ``softmax(Q K^T * scale + mask)`` for just the heads and query rows it asked for. Key masks from
 interventions are added to the attention mask. The name avoids "sdpa" on purpose: transformers
 matches that substring and would run its own SDPA checks.
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from probe import sites
-from probe.sites import PatternSource, keep_to_additive
+from probe.capture import sites
+from probe.capture.sites import PatternSource, keep_to_additive
 
 NAME = "probe_capture"
 _registered = False

@@ -73,7 +73,7 @@ def card(name: str, root: Path | None = None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- data
 def classify_classes() -> list[str]:
-    from probe.shapes import COLOURS, SHAPES
+    from probe.data.shapes import COLOURS, SHAPES
 
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
@@ -91,7 +91,7 @@ def largest_label(masks: np.ndarray, objects: Sequence[Any]) -> str | None:
 def classification_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> Any:
     """`n` probe-shapes images of `split` whose largest object is unique, labelled with it."""
     from probe.data import ImageDataset
-    from probe.shapes import iter_split
+    from probe.data.shapes import iter_split
 
     classes = classify_classes()
     images, labels = [], []
@@ -108,7 +108,7 @@ def classification_data(split: str, n: int, *, seed: int = 0, image_size: int = 
 
 def caption_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> list[Any]:
     """The first `n` `ShapesSample`s of `split`."""
-    from probe.shapes import iter_split
+    from probe.data.shapes import iter_split
 
     return list(iter_split(split, n, seed=seed, image_size=image_size))
 

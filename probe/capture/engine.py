@@ -2,7 +2,7 @@
 
 This module knows nothing about model families: it reads an adapter's `HookSpec` list and
 installs torch forward hooks (``output``/``input`` hooks) or attention-site listeners
-(``pattern`` hooks, see `probe.sites`). Interventions use the same specs and the same
+(``pattern`` hooks, see `probe.capture.sites`). Interventions use the same specs and the same
 guarantees: nothing outlives the ``with`` block, also when the block raises.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from probe import sites
-from probe.cache import ActivationCache
-from probe.hooks import HookSpec, select
-from probe.sites import Index, PatternSource
+from probe.capture import sites
+from probe.capture.cache import ActivationCache
+from probe.capture.sites import Index, PatternSource
+from probe.types import HookSpec, select
 
 HeadReduction = Literal["mean", "max", "min"]
 

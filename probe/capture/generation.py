@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from probe.cache import ActivationCache
-from probe.capture import HasHooks, HeadReduction, capture
-from probe.hooks import select
+from probe.capture.cache import ActivationCache
+from probe.capture.engine import HasHooks, HeadReduction, capture
+from probe.types import select
 
 
 @contextmanager

@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from probe.adapter import InputMeta
-from probe.hooks import VISION_PATTERN
+from probe.types import VISION_PATTERN, InputMeta
 
 _TYPES: dict[str, type[Result]] = {}
 

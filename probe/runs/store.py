@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from probe.io import atomic_dir
-from probe.results import Result, result_from_dict
+from probe.runs.results import Result, result_from_dict
 
 DEFAULT_STORE_ENV = "PROBE_STORE"
 MANIFEST_VERSION = 1

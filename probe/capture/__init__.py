@@ -1,0 +1,32 @@
+"""The capture engine: hooks installed inside context managers, attention sites, the activation
+cache, interventions and capture during generation. It knows nothing about model families."""
+
+from probe.capture.cache import ActivationCache
+from probe.capture.engine import (
+    HasHooks,
+    HeadReduction,
+    Intervention,
+    MaskTokens,
+    Replace,
+    ZeroHeads,
+    capture,
+    intervene,
+    reduce_heads,
+)
+from probe.capture.generation import capture_generation, generate_and_capture, generated_tokens
+
+__all__ = [
+    "ActivationCache",
+    "HasHooks",
+    "HeadReduction",
+    "Intervention",
+    "MaskTokens",
+    "Replace",
+    "ZeroHeads",
+    "capture",
+    "capture_generation",
+    "generate_and_capture",
+    "generated_tokens",
+    "intervene",
+    "reduce_heads",
+]

@@ -1,0 +1,1 @@
+"""Runs: result dataclasses, the run store and atomic writes."""

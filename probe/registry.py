@@ -1,18 +1,20 @@
-"""One registration point for models and analyses. Lookups that fail list what exists."""
+"""One registration point for models and analyses. Lookups that fail list what exists.
+
+`probe.models` registers every model family and `probe.analyses` every analysis when imported;
+``import probe`` imports both, so the tables are full whenever a user or the CLI reads them.
+"""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from probe.adapter import ModelAdapter
-from probe.types import Capabilities
+from probe.types import Capabilities, ProbeError
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(ProbeError, KeyError):
     """An unknown model or analysis name. `str()` is a one-line message listing the known names."""
 
     def __str__(self) -> str:
@@ -21,51 +23,35 @@ class UnknownNameError(KeyError):
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model: ``loader(weights=..., seed=..., device=..., dtype=..., config=...)``."""
+
     name: str
-    loader: Callable[..., ModelAdapter]
+    loader: Callable[..., Any]
     capabilities: Capabilities
     summary: str
-    default_weights: str
-
-
-@dataclass(frozen=True)
-class AnalysisEntry:
-    name: str
-    summary: str
-    module: Any  # the analysis module: run(), render(), add_arguments(), from_args()
+    default_weights: str = "auto"
 
 
 _MODELS: dict[str, ModelEntry] = {}
-_ANALYSES: dict[str, AnalysisEntry] = {}
-_loaded = False
+_ANALYSES: dict[str, Any] = {}
+T = TypeVar("T")
 
 
-def register_model(
-    name: str,
-    loader: Callable[..., ModelAdapter],
-    *,
-    capabilities: Capabilities,
-    summary: str,
-    default_weights: str = "auto",
-) -> None:
-    """Register `loader(weights=..., device=..., dtype=..., seed=..., **kw) -> ModelAdapter`."""
+def register_model(name: str, loader: Callable[..., Any], *, capabilities: Capabilities, summary: str,
+                   default_weights: str = "auto") -> None:
+    """Register `loader` under `name` (one family may register several names, e.g. the ViT kinds)."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
     _MODELS[name] = ModelEntry(name, loader, capabilities, summary, default_weights)
 
 
-def register_analysis(name: str, module: Any, *, summary: str) -> None:
+def register_analysis(cls: type[T]) -> type[T]:
+    """Class decorator: register an `probe.analysis.Analysis` subclass under its ``name``."""
+    name = cls.name  # type: ignore[attr-defined]
     if name in _ANALYSES:
         raise ValueError(f"analysis {name!r} is registered twice")
-    _ANALYSES[name] = AnalysisEntry(name, summary, module)
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        importlib.import_module("probe.models")
-        importlib.import_module("probe.analyses")
+    _ANALYSES[name] = cls()
+    return cls
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
@@ -74,30 +60,37 @@ def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(known))}")
 
 
-def models() -> dict[str, ModelEntry]:
-    _ensure_loaded()
-    return dict(_MODELS)
+def models(task: str | None = None) -> dict[str, ModelEntry]:
+    """Registered models (those whose capabilities include `task`, if given), in registration order."""
+    return {n: e for n, e in _MODELS.items() if task is None or task in e.capabilities.tasks}
 
 
-def analyses() -> dict[str, AnalysisEntry]:
-    _ensure_loaded()
+def analyses() -> dict[str, Any]:
+    """Registered analyses (instances of `probe.analysis.Analysis`) by name."""
     return dict(_ANALYSES)
 
 
 def model_entry(name: str) -> ModelEntry:
-    _ensure_loaded()
     if name not in _MODELS:
         raise _unknown("model", name, list(_MODELS))
     return _MODELS[name]
 
 
-def analysis_entry(name: str) -> AnalysisEntry:
-    _ensure_loaded()
+def analysis(name: str) -> Any:
     if name not in _ANALYSES:
         raise _unknown("analysis", name, list(_ANALYSES))
     return _ANALYSES[name]
 
 
-def load_model(name: str, **kwargs: Any) -> ModelAdapter:
+def default_model(task: str | None) -> str:
+    """The model a family declared as the default for `task` (`Capabilities.default_for`); with no
+    task, the first registered model."""
+    for name, e in _MODELS.items():
+        if task is None or task in e.capabilities.default_for:
+            return name
+    raise ProbeError(f"no registered model is the default for task {task!r}; pass --model")
+
+
+def load_model(name: str, **kwargs: Any) -> Any:
     """Load a registered model by name, e.g. ``load_model("vit-performer", weights="random")``."""
     return model_entry(name).loader(**kwargs)

@@ -93,3 +93,72 @@ def test_run_with_cache_sets_meta(vit, rgb_images):
     assert cache.meta.grid == (4, 4) and cache.meta.spans["cls"] == (0, 1)
     assert cache["vision.blocks.0.attn.pattern"].shape == (3, 4, 1, 17)
     assert cache.selection["rows"] == [0]
+
+
+def test_threads_see_only_their_own_hooks_and_interventions(vit, rgb_images):
+    """Issue 17.8: interventions in one thread changed plain forwards in another, and concurrent
+    captures recorded several calls. Everything attached belongs to the thread that attached it."""
+    import threading
+
+    batch = vit.preprocess(rgb_images)
+    with torch.no_grad():
+        plain = vit.forward(batch)
+    start, errors, plain_outs, calls = threading.Barrier(2), [], [], []
+
+    def intervening():
+        try:
+            with intervene(vit, [ZeroHeads("vision.blocks.0.attn.z", [0, 1]), MaskTokens([1, 2, 3])]):
+                start.wait()
+                for _ in range(20):
+                    with torch.no_grad():
+                        vit.forward(batch)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def plain_and_capturing():
+        try:
+            start.wait()
+            for _ in range(20):
+                with torch.no_grad(), capture(vit, "vision.blocks.1.attn.pattern") as cache:
+                    plain_outs.append(vit.forward(batch))
+                calls.append(len(cache.calls("vision.blocks.1.attn.pattern")))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=intervening), threading.Thread(target=plain_and_capturing)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert calls == [1] * 20
+    for out in plain_outs:
+        torch.testing.assert_close(out, plain)
+    assert sites.active_site_count() == 0
+
+
+def test_float_token_masks_and_out_of_range_rows_are_refused(vit, rgb_images):
+    batch = vit.preprocess(rgb_images[:1])
+    with pytest.raises(ValueError, match="must be a bool tensor"), intervene(vit, [MaskTokens(torch.full((1, 5), 0.3))]):
+        vit.forward(batch)
+    with pytest.raises(ValueError, match="rows=\\[500\\] select outside"):
+        with capture(vit, "vision.blocks.0.attn.pattern", rows=[500]):
+            vit.forward(batch)
+    assert sites.active_site_count() == 0
+
+
+def test_precomputed_stands_in_for_a_module_and_restores_it(vit, rgb_images):
+    from probe.capture import Precomputed, record_outputs, select_batch
+
+    block = vit.module("blocks.1")
+    batch = vit.preprocess(rgb_images)
+    with torch.no_grad(), record_outputs(vit, "vision.blocks.1.resid_post") as outs:
+        want = vit.forward(batch)
+    calls = []
+    with torch.no_grad(), intervene(vit, [Precomputed("vision.blocks.1.resid_post",
+                                                       lambda x: calls.append(1) or outs[0])]):
+        got = vit.forward(batch)
+    torch.testing.assert_close(got, want)
+    assert calls == [1] and vit.module("blocks.1") is block
+    rows = select_batch(outs[0], torch.tensor([2, 0]), 3)
+    torch.testing.assert_close(rows, outs[0][[2, 0]])

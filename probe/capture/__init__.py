@@ -7,11 +7,14 @@ from probe.capture.engine import (
     HeadReduction,
     Intervention,
     MaskTokens,
+    Precomputed,
     Replace,
     ZeroHeads,
     capture,
     intervene,
+    record_outputs,
     reduce_heads,
+    select_batch,
 )
 from probe.capture.generation import capture_generation, generate_and_capture, generated_tokens
 
@@ -21,6 +24,7 @@ __all__ = [
     "HeadReduction",
     "Intervention",
     "MaskTokens",
+    "Precomputed",
     "Replace",
     "ZeroHeads",
     "capture",
@@ -28,5 +32,7 @@ __all__ = [
     "generate_and_capture",
     "generated_tokens",
     "intervene",
+    "record_outputs",
     "reduce_heads",
+    "select_batch",
 ]

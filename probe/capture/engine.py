@@ -3,11 +3,14 @@
 This module knows nothing about model families: it reads an adapter's `HookSpec` list and
 installs torch forward hooks (``output``/``input`` hooks) or attention-site listeners
 (``pattern`` hooks, see `probe.capture.sites`). Interventions use the same specs and the same
-guarantees: nothing outlives the ``with`` block, also when the block raises.
+guarantees: nothing outlives the ``with`` block, also when the block raises. Hooks and
+interventions act only on forwards run by the thread that entered the block, so one adapter can
+be captured and intervened on from several threads at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,8 +90,11 @@ def capture(
     cache = cache if cache is not None else ActivationCache()
     cache.selection = {"heads": _jsonable(heads), "rows": _jsonable(rows), "reduce_heads": reduce}
 
+    owner = threading.get_ident()
+
     def store(name: str, value: torch.Tensor) -> None:
-        cache.add(name, value.detach().to(device=device, dtype=dtype))
+        if threading.get_ident() == owner:  # forwards of other threads are not ours to record
+            cache.add(name, value.detach().to(device=device, dtype=dtype))
 
     handles: list[Any] = []
     try:
@@ -98,8 +104,13 @@ def capture(
             if spec.kind == "pattern":
 
                 def on_pattern(src: PatternSource, name: str = spec.name) -> None:
-                    with torch.no_grad():
-                        store(name, reduce_heads(src.compute(heads, rows), reduce))
+                    try:
+                        with torch.no_grad():
+                            p = src.compute(heads, rows)
+                    except IndexError as e:
+                        raise ValueError(f"capture of {name}: heads={_jsonable(heads)}, rows={_jsonable(rows)} select "
+                                         f"outside this pattern ({e}); use indices within its heads and queries") from None
+                    store(name, reduce_heads(p, reduce))
 
                 handles.append(sites.add_pattern_listener(module, on_pattern))
                 if spec.output_index is not None:
@@ -172,7 +183,21 @@ class MaskTokens:
     attention: str = "*.attn.pattern"
 
 
-Intervention = ZeroHeads | Replace | MaskTokens
+@dataclass(frozen=True)
+class Precomputed:
+    """The module behind an ``output`` hook does not run while active: each call returns `output`,
+    or ``output(*args, **kwargs)`` when it is callable (the call's own arguments).
+
+    For work that does not change between the rows of a batch, e.g. the vision tower under
+    ablations that only change what the text reads: compute it once with `record_outputs`, then
+    hand every row its copy with `select_batch`.
+    """
+
+    hook: str
+    output: Any
+
+
+Intervention = ZeroHeads | Replace | MaskTokens | Precomputed
 
 
 def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
@@ -201,7 +226,10 @@ def _zero_heads(x: torch.Tensor, heads: Sequence[int] | torch.Tensor, n_heads: i
 def _token_keep_fn(tokens: Sequence[int] | torch.Tensor) -> sites.KeyMaskFn:
     def fn(batch: int, n_keys: int, device: torch.device) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
-            removed = tokens.to(device=device, dtype=torch.bool)
+            if tokens.dtype != torch.bool:
+                raise ValueError(f"MaskTokens mask must be a bool tensor (True = removed); got {tokens.dtype}: "
+                                 "a float mask would remove every non-zero entry")
+            removed = tokens.to(device=device)
             if removed.dim() == 1:
                 removed = removed.unsqueeze(0).expand(batch, -1)
             if removed.shape[0] != batch or removed.dim() != 2 or removed.shape[1] > n_keys:
@@ -249,7 +277,10 @@ def intervene(adapter: HasHooks, interventions: Sequence[Intervention]) -> Itera
                     handles.append(sites.add_key_mask(module, fn))
                 continue
             for spec in select(all_specs, iv.hook):
-                handles.append(_install_value_hook(adapter.module(spec.module), spec, iv))
+                if isinstance(iv, Precomputed):
+                    handles.append(_stand_in(adapter, spec, iv.output))
+                else:
+                    handles.append(_install_value_hook(adapter.module(spec.module), spec, iv))
         yield
     finally:
         for h in handles:
@@ -277,17 +308,94 @@ def _install_value_hook(module: nn.Module, spec: HookSpec, iv: ZeroHeads | Repla
                 raise ValueError(f"Replace {spec.name}: shape {tuple(new.shape)} != {tuple(x.shape)}")
             return new.to(dtype=x.dtype, device=x.device)
 
+    owner = threading.get_ident()
     if spec.kind == "input":
 
-        def pre(_m: nn.Module, args: tuple) -> tuple:
+        def pre(_m: nn.Module, args: tuple) -> tuple | None:
+            if threading.get_ident() != owner:
+                return None
             return (change(args[0]), *args[1:])
 
         return module.register_forward_pre_hook(pre)
 
     def post(_m: nn.Module, _a: Any, out: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
         if isinstance(out, torch.Tensor):
             return change(out)
         idx = spec.output_index or 0
         return (*out[:idx], change(out[idx]), *out[idx + 1 :])
 
     return module.register_forward_hook(post)
+
+
+class _StandIn(nn.Module):
+    """Answers for a module while a `Precomputed` is active; other threads get the real module."""
+
+    def __init__(self, output: Any, original: nn.Module) -> None:
+        super().__init__()
+        self.output = output
+        self.owner = threading.get_ident()
+        self.__dict__["original"] = original  # not a submodule: its parameters stay where they are
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the parent reads the real module's attributes (e.g. `.config`)
+            return getattr(self.__dict__["original"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != self.owner:
+            return self.__dict__["original"](*args, **kwargs)
+        return self.output(*args, **kwargs) if callable(self.output) else self.output
+
+
+class _Restore:
+    def __init__(self, parent: nn.Module, name: str, original: nn.Module) -> None:
+        self.parent, self.name, self.original = parent, name, original
+
+    def remove(self) -> None:
+        self.parent._modules[self.name] = self.original
+
+
+def _stand_in(adapter: HasHooks, spec: HookSpec, output: Any) -> _Restore:
+    if spec.kind != "output" or not spec.module:
+        raise ValueError(f"Precomputed needs an output hook on a submodule; {spec.name} is a {spec.kind} hook")
+    parent_path, _, child = spec.module.rpartition(".")
+    parent = adapter.module(parent_path) if parent_path else adapter.model
+    original = parent._modules[child]
+    parent._modules[child] = _StandIn(output, original)
+    return _Restore(parent, child, original)
+
+
+def select_batch(value: Any, index: torch.Tensor, batch: int) -> Any:
+    """Rows `index` of every batch-first tensor (batch size `batch`) inside `value`: a tensor, a
+    tuple or list, a dict or a transformers ``ModelOutput``; anything else is returned as is."""
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)] if value.dim() and value.shape[0] == batch else value
+    if hasattr(value, "keys"):  # dict, ModelOutput
+        return type(value)(**{k: select_batch(value[k], index, batch) for k in value.keys()})
+    if isinstance(value, tuple | list):
+        return type(value)(select_batch(v, index, batch) for v in value)
+    return value
+
+
+@contextmanager
+def record_outputs(adapter: HasHooks, hook: str) -> Iterator[list[Any]]:
+    """Keep the raw outputs (tensors, tuples or ``ModelOutput``s, not copied) of the module behind
+    an ``output`` hook, one per call, while the block runs."""
+    (spec,) = select(adapter.hook_specs(), hook)
+    if spec.kind != "output":
+        raise ValueError(f"record_outputs needs an output hook; {spec.name} is a {spec.kind} hook")
+    calls: list[Any] = []
+    owner = threading.get_ident()
+
+    def keep(_m: nn.Module, _a: Any, out: Any) -> None:
+        if threading.get_ident() == owner:
+            calls.append(out)
+
+    handle = adapter.module(spec.module).register_forward_hook(keep)
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -10,11 +10,14 @@ this registry two questions on every call, both O(1) when nothing is attached:
   computed by the module's own (fast) kernel.
 
 Listeners are attached and removed by `probe.capture`, always inside a context manager; the
-registry holds modules weakly, so nothing here keeps a model alive or outlives it.
+registry holds modules weakly, so nothing here keeps a model alive or outlives it. Everything
+attached belongs to the thread that attached it: a forward in another thread sees none of it, so
+one adapter can serve captures and interventions from several threads at once.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -125,10 +128,11 @@ class AttentionSite(nn.Module):
 PatternListener = Callable[[PatternSource], None]
 KeyMaskFn = Callable[[int, int, torch.device], torch.Tensor]
 
-_pattern_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, PatternListener]] = (
+# module -> {handle id: (owning thread, function)}
+_pattern_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, PatternListener]]] = (
     weakref.WeakKeyDictionary()
 )
-_key_masks: weakref.WeakKeyDictionary[nn.Module, dict[int, KeyMaskFn]] = weakref.WeakKeyDictionary()
+_key_masks: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, KeyMaskFn]]] = weakref.WeakKeyDictionary()
 _next_id = 0
 
 
@@ -152,8 +156,14 @@ class SiteHandle:
 def _add(table: weakref.WeakKeyDictionary, module: nn.Module, fn: Callable) -> SiteHandle:
     global _next_id
     _next_id += 1
-    table.setdefault(module, {})[_next_id] = fn
+    table.setdefault(module, {})[_next_id] = (threading.get_ident(), fn)
     return SiteHandle(table, module, _next_id)
+
+
+def _mine(table: weakref.WeakKeyDictionary, module: nn.Module) -> list[Callable]:
+    """The functions attached to `module` by the calling thread."""
+    me = threading.get_ident()
+    return [fn for owner, fn in list(table.get(module, {}).values()) if owner == me]
 
 
 def add_pattern_listener(module: nn.Module, fn: PatternListener) -> SiteHandle:
@@ -167,21 +177,22 @@ def add_key_mask(module: nn.Module, fn: KeyMaskFn) -> SiteHandle:
 
 
 def wants_pattern(module: nn.Module) -> bool:
-    return module in _pattern_listeners
+    """Whether anything of the calling thread listens for `module`'s pattern."""
+    return module in _pattern_listeners and bool(_mine(_pattern_listeners, module))
 
 
 def emit_pattern(module: nn.Module, source: PatternSource) -> None:
-    for fn in list(_pattern_listeners.get(module, {}).values()):
+    for fn in _mine(_pattern_listeners, module):
         fn(source)
 
 
 def key_keep(module: nn.Module, batch: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
     """AND of every key mask attached to `module`: bool (batch, n_keys), or None when none is."""
-    fns = _key_masks.get(module)
+    fns = _mine(_key_masks, module) if module in _key_masks else []
     if not fns:
         return None
     keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
-    for fn in list(fns.values()):
+    for fn in fns:
         m = fn(batch, n_keys, device).to(device=device, dtype=torch.bool)
         if m.shape[-1] != n_keys:
             raise ValueError(f"key mask has {m.shape[-1]} keys; this attention has {n_keys}")
@@ -281,11 +292,11 @@ def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, out
             raise TypeError(f"{type(module).__name__}.forward has no argument {arg!r} to route a key mask through")
 
     def install() -> list:
-        state: dict[str, torch.Tensor | None] = {"alive": None}
+        state = threading.local()  # the rows left alive, per thread, from pre- to post-hook
 
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            state["alive"] = None
-            if m not in _key_masks:
+            state.alive = None
+            if not _mine(_key_masks, m):
                 return None
             bound = sig.bind(*args, **kwargs)
             hidden = next(iter(bound.arguments.values()))
@@ -304,14 +315,14 @@ def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, out
                 base = torch.zeros(base.shape, dtype=dtype, device=base.device).masked_fill_(~base, torch.finfo(dtype).min)
             mask = add if base is None else (base.to(dtype) + add).clamp_min(torch.finfo(dtype).min)
             bound.arguments[mask_arg] = mask
-            state["alive"] = alive_rows(mask)  # (b, 1|h, q|1, 1)
+            state.alive = alive_rows(mask)  # (b, 1|h, q|1, 1)
             return bound.args, bound.kwargs
 
         def post(_m: nn.Module, _args: tuple, out: tuple) -> tuple | None:
-            alive = state["alive"]
+            alive = getattr(state, "alive", None)
             if alive is None:
                 return None
-            state["alive"] = None
+            state.alive = None
             ctx, probs = out[0], out[output_index]
             probs = probs * alive.to(probs.dtype)
             row = alive.any(dim=1).to(ctx.dtype)  # (b, q|1, 1): a row is dead in every head alike

@@ -1,11 +1,4 @@
-"""Model adapters. Importing this package registers every model family."""
+"""Model adapters. Importing this package registers every model family (each module registers
+itself when imported; the import order below is the order `probe models` lists them)."""
 
-from probe.models import blip, git, hf_vit, own_captioners, vit, vit_gpt2, xattn_cond
-
-vit.register()
-hf_vit.register()
-own_captioners.register()
-xattn_cond.register()
-vit_gpt2.register()
-blip.register()
-git.register()
+from probe.models import vit, hf_vit, vit_gpt2, blip, git, prefix_vlm, mmca, xattn_cond  # noqa: F401, I001

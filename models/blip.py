@@ -14,31 +14,25 @@ from typing import Any
 
 import torch
 
-from probe.models.hf_captioners import HFCaptionerAdapter, Specials
-from probe.types import (
-    TEXT_PATTERN,
-    TEXT_RESID_POST,
-    TEXT_XATTN_PATTERN,
-    TEXT_XATTN_Z,
-    TEXT_Z,
-    VISION_PATTERN,
-    VISION_RESID_POST,
-    VISION_Z,
-    Capabilities,
-    HookSpec,
-)
+from probe.adapter import Specials
+from probe.models.hf_captioners import ZOO_CONFIG, HFCaptioner
+from probe.registry import register_model
+from probe.types import VISION_OUTPUT, Block, Capabilities, Hook, HookSpec, Recipe
 
 HUB_ID = "Salesforce/blip-image-captioning-base"
 
 
-class BlipAdapter(HFCaptionerAdapter):
+class BlipAdapter(HFCaptioner):
     name = "blip"
     hub_id = HUB_ID
     capabilities = Capabilities(family="blip", fusion="cross_attention", has_cross_attention=True,
-                                tasks=("caption",))
-
+                                tasks=("caption",), default_for=("caption",), published=True)
+    capture_attention = None  # BLIP computes attention itself (eager); hooks read it
+    attn_implementation = "eager (BLIP's own attention; probabilities read by forward hooks)"
+    model_class = "BlipForConditionalGeneration"
+    processor_class = "BlipImageProcessorPil"
     tiny_specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                    "bos_token": "[DEC]"}
+                     "bos_token": "[DEC]"}
     tiny_roles = ("bos_token", "sep_token", "pad_token")
 
     @classmethod
@@ -64,100 +58,55 @@ class BlipAdapter(HFCaptionerAdapter):
         )
 
     @classmethod
-    def _from_pretrained(cls, ref: str, local_only: bool) -> Any:
-        from transformers import BlipForConditionalGeneration
-
-        return BlipForConditionalGeneration.from_pretrained(ref, local_files_only=local_only)
-
-    @classmethod
-    def _from_config(cls, config: Any) -> Any:
-        from transformers import BlipForConditionalGeneration
-
-        return BlipForConditionalGeneration(config)
-
-    @classmethod
-    def _image_processor(cls, ref: str | None, model: Any, local_only: bool = True) -> Any:
-        from transformers import BlipImageProcessorPil
-
-        if ref is not None:
-            return BlipImageProcessorPil.from_pretrained(ref, local_files_only=local_only)
-        s = int(model.config.vision_config.image_size)
-        return BlipImageProcessorPil(size={"height": s, "width": s})
-
-    @classmethod
-    def _placeholder_specials(cls, model: Any) -> dict[str, tuple[str, int]]:
-        t = model.config.text_config
+    def placeholder_specials(cls, config: Any) -> dict[str, tuple[str, int]]:
+        t = config.text_config
         return {"pad_token": ("[PAD]", t.pad_token_id), "sep_token": ("[SEP]", t.sep_token_id),
                 "bos_token": ("[DEC]", t.bos_token_id), "unk_token": ("[UNK]", 100), "cls_token": ("[CLS]", 101)}
-
-    def _use_capture_attention(self) -> None:
-        """Nothing to switch: BLIP computes attention itself (eager); hooks read it."""
-
-    @property
-    def attn_implementation(self) -> str:
-        return "eager (BLIP's own attention; probabilities read by forward hooks)"
 
     @property
     def specials(self) -> Specials:
         t = self.model.config.text_config
         return Specials(int(t.bos_token_id), int(t.sep_token_id), int(t.pad_token_id))
 
-    @property
-    def vision_config(self) -> Any:
-        return self.model.config.vision_config
-
-    def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits
 
-    def _generate(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(pixel_values=pixel_values, **kwargs)
-
-    def hook_specs(self) -> list[HookSpec]:
+    def blocks(self) -> list[Block]:
         v, t = self.model.config.vision_config, self.model.config.text_config
-        specs: list[HookSpec] = []
-        for i in range(v.num_hidden_layers):
-            blk = f"vision_model.encoder.layers.{i}"
-            specs += [
-                HookSpec(VISION_PATTERN.format(i=i), f"{blk}.self_attn", "pattern", "(batch, heads, tokens, tokens)",
-                         n_heads=v.num_attention_heads, output_index=1),
-                HookSpec(VISION_Z.format(i=i), f"{blk}.self_attn.projection", "input",
-                         "(batch, tokens, heads * head_dim)", n_heads=v.num_attention_heads),
-                HookSpec(VISION_RESID_POST.format(i=i), blk, "output", "(batch, tokens, dim)"),
-            ]
-        h = t.num_attention_heads
-        for i in range(t.num_hidden_layers):
-            blk = f"text_decoder.bert.encoder.layer.{i}"
-            specs += [
-                HookSpec(TEXT_PATTERN.format(i=i), f"{blk}.attention.self", "pattern",
-                         "(batch, heads, text, text): causal", n_heads=h, output_index=1, mask_arg="attention_mask"),
-                HookSpec(TEXT_Z.format(i=i), f"{blk}.attention.output.dense", "input",
-                         "(batch, text, heads * head_dim)", n_heads=h),
-                HookSpec(TEXT_XATTN_PATTERN.format(i=i), f"{blk}.crossattention.self", "pattern",
-                         "(batch, heads, text, image tokens = CLS + patches)", n_heads=h, output_index=1,
-                         mask_arg="encoder_attention_mask", mask_base="attention_mask"),
-                HookSpec(TEXT_XATTN_Z.format(i=i), f"{blk}.crossattention.output.dense", "input",
-                         "(batch, text, heads * head_dim)", n_heads=h),
-                HookSpec(TEXT_RESID_POST.format(i=i), blk, "output", "(batch, text, dim)"),
-            ]
-        return specs
+        hv, ht = v.num_attention_heads, t.num_attention_heads
+        return [
+            Block("vision", "vision_model.encoder.layers.{i}", v.num_hidden_layers, (
+                Hook("attn.pattern", "self_attn", "pattern", n_heads=hv, output_index=1),
+                Hook("attn.z", "self_attn.projection", "input", n_heads=hv),
+                Hook("resid_post", "", "output"),
+            )),
+            Block("text", "text_decoder.bert.encoder.layer.{i}", t.num_hidden_layers, (
+                Hook("attn.pattern", "attention.self", "pattern", n_heads=ht, output_index=1, mask_arg="attention_mask"),
+                Hook("attn.z", "attention.output.dense", "input", n_heads=ht),
+                Hook("xattn.pattern", "crossattention.self", "pattern", n_heads=ht, output_index=1,
+                     mask_arg="encoder_attention_mask", mask_base="attention_mask"),
+                Hook("xattn.z", "crossattention.output.dense", "input", n_heads=ht),
+                Hook("resid_post", "", "output"),
+            )),
+        ]
 
+    def single_hooks(self) -> list[HookSpec]:
+        return [HookSpec(VISION_OUTPUT, "vision_model", "output")]
 
-    def param_groups(self) -> dict[str, list[str]]:
-        lay = "text_decoder.bert.encoder.layer"
-        n = self.model.config.text_config.num_hidden_layers
+    def _groups(self) -> dict[str, list[str]]:
+        lay = "text_decoder.bert.encoder.layer.{i}"
         return {
             "vision": ["vision_model"],
             "embeddings": ["text_decoder.bert.embeddings"],
-            "text_self_attention": [f"{lay}.{i}.attention" for i in range(n)],
+            "text_self_attention": [f"{lay}.attention"],
             # query/key/value, output dense and LayerNorm: plain BERT cross-attention, no gate
-            "cross_attention": [f"{lay}.{i}.crossattention" for i in range(n)],
-            "feed_forward": [p for i in range(n) for p in (f"{lay}.{i}.intermediate", f"{lay}.{i}.output")],
+            "cross_attention": [f"{lay}.crossattention"],
+            "feed_forward": [f"{lay}.intermediate", f"{lay}.output"],
             "fusion": [],
             "head": ["text_decoder.cls"],
         }
 
-def register() -> None:
-    from probe.registry import register_model
 
-    register_model("blip", BlipAdapter.load, capabilities=BlipAdapter.capabilities,
-                   summary=f"BLIP: ViT + BERT decoder, cross-attention between self-attention and FFN (default {HUB_ID})")
+register_model("blip", BlipAdapter.load, capabilities=BlipAdapter.capabilities,
+               summary=f"BLIP: ViT + BERT decoder, cross-attention between self-attention and FFN (default {HUB_ID})",
+               recipe=Recipe("blip", "caption", ZOO_CONFIG, n_train=12000, steps=2500, lr=2e-3))

@@ -99,8 +99,12 @@ class TextConditionedClassifier(nn.Module):
     ``forward(pixel_values (b,3,H,W), input_ids (b,s), key_padding_mask (b,s)) -> logits (b, classes)``.
     """
 
-    def __init__(self, vocab_size: int, num_classes: int, channels: int = 32, emb: int = 32, heads: int = 2) -> None:
+    def __init__(self, vocab_size: int, num_classes: int, channels: int = 32, emb: int = 32, heads: int = 2,
+                 image_size: int = 32) -> None:
         super().__init__()
+        #: the constructor's arguments (a checkpoint's config); `image_size`: the images it is meant for
+        self.cfg = {"vocab_size": vocab_size, "num_classes": num_classes, "channels": channels, "emb": emb,
+                    "heads": heads, "image_size": image_size}
         self.stem = nn.Sequential(
             nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GELU(),

@@ -6,136 +6,102 @@ kernel for its outputs, and patterns are recomputed only for the layers a captur
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import torch
 from PIL import Image
 
-from probe.adapter import ModelAdapter
-from probe.capture import hf_attention
+from probe.adapter import Classifier
 from probe.data import to_rgb
-from probe.types import (
-    VISION_PATTERN,
-    VISION_RESID_POST,
-    VISION_Z,
-    Capabilities,
-    HookSpec,
-    InputMeta,
-    WeightsInfo,
-)
-from probe.weights import load_hf
+from probe.registry import register_model
+from probe.types import Block, Capabilities, Hook, prefixed
+from probe.weights import from_pretrained, hf_part
 
 HUB_ID = "google/vit-base-patch16-224"
-CAPABILITIES = Capabilities(family="hf-vit", attention_kind="standard", tasks=("classify", "features"))
 
 
-class HFViTAdapter(ModelAdapter):
+def hf_vit_block(config: Any) -> Block:
+    """Hooks of a transformers ViT whose layers sit at ``layers.{i}`` (use `prefixed` inside a model)."""
+    h = config.num_attention_heads
+    return Block("vision", "layers.{i}", config.num_hidden_layers, (
+        Hook("attn.pattern", "attention", "pattern", n_heads=h),
+        Hook("attn.z", "attention.o_proj", "input", n_heads=h),
+        Hook("resid_post", "", "output"),
+    ))
+
+
+class HFViTAdapter(Classifier):
     """Wraps a transformers ViT; the model's attention implementation is set to ``probe_capture``."""
 
     name = "hf-vit"
-    capabilities = CAPABILITIES
-
-    def __init__(self, model: Any, weights: WeightsInfo, processor: Any) -> None:
-        model.set_attn_implementation(hf_attention.register())
-        self.model = model.eval()
-        self.weights = weights
-        self.processor = processor
-        self.config = model.config
-        self._prefix = "vit." if hasattr(model, "vit") else ""
+    hub_id = HUB_ID
+    auto = ("hub", "random")
+    capture_attention = ""
+    capabilities = Capabilities(family="hf-vit", attention_kind="standard", tasks=("classify", "features"),
+                                published=True)
 
     @classmethod
-    def load(
-        cls,
-        *,
-        weights: str = "auto",
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        config: dict[str, Any] | None = None,
-    ) -> HFViTAdapter:
-        from transformers import (
-            AutoConfig,
-            ViTConfig,
-            ViTForImageClassification,
-            ViTImageProcessorPil,
-            ViTModel,
-        )
+    def _build(cls, config: dict[str, Any] | None, meta: bool) -> Self:
+        """`config`: `transformers.ViTConfig` fields (default: ViT-B/16 at 224, no head)."""
+        from transformers import ViTConfig, ViTModel
 
-        name = hf_attention.register()
+        model = ViTModel(ViTConfig(**(config or {})))
+        return cls(model, processor=cls._new_processor(model.config))
 
-        def load(ref: str, local_only: bool) -> Any:
-            cfg = AutoConfig.from_pretrained(ref, local_files_only=local_only)
-            archs = cfg.architectures or []
-            klass = ViTForImageClassification if "ViTForImageClassification" in archs else ViTModel
-            return klass.from_pretrained(ref, local_files_only=local_only, attn_implementation=name)
+    @classmethod
+    def _load(cls, ref: str, local_only: bool) -> Self:
+        from transformers import AutoConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
 
-        def build_random() -> Any:
-            torch.manual_seed(seed)
-            cfg = ViTConfig(**(config or {}))
-            return ViTModel._from_config(copy.deepcopy(cfg), attn_implementation=name)
+        archs = hf_part(AutoConfig, ref, local_only).architectures or []
+        model = from_pretrained(ViTForImageClassification if "ViTForImageClassification" in archs else ViTModel,
+                                ref, local_only)
+        try:
+            processor = hf_part(ViTImageProcessorPil, ref, True)
+        except OSError:
+            processor = cls._new_processor(model.config)
+        return cls(model, processor=processor)
 
-        model, info, ref = load_hf(load, build_random, weights, hub_id=HUB_ID, model_name="hf-vit")
-        processor = None
-        if ref:
-            try:
-                processor = ViTImageProcessorPil.from_pretrained(ref, local_files_only=True)
-            except OSError:
-                processor = None
-        if processor is None:
-            s = model.config.image_size
-            processor = ViTImageProcessorPil(size={"height": s, "width": s})
-        return cls(model, info, processor).to(device, dtype)  # type: ignore[return-value]
+    @staticmethod
+    def _new_processor(config: Any) -> Any:
+        from transformers import ViTImageProcessorPil
+
+        return ViTImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+
+    def _save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
 
     @property
     def attn_implementation(self) -> str:
         return f"{self.model.config._attn_implementation} (SDPA kernel, patterns recomputed on request)"
 
-    def hook_specs(self) -> list[HookSpec]:
-        return vision_specs(self.config, self._prefix)
+    def blocks(self) -> list[Block]:
+        return prefixed([hf_vit_block(self.model.config)], "vit." if hasattr(self.model, "vit") else "")
 
     @property
     def image_size(self) -> int:
-        return int(self.config.image_size)
+        return int(self.model.config.image_size)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.config.patch_size)
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        return [str(id2label.get(i, i)) for i in range(len(id2label))]
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         s = self.image_size
-        rgb = [to_rgb(im) for im in images]
-        px = self.processor(rgb, size={"height": s, "width": s}, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": px.to(self.device, self.dtype)}
+        return self.processor([to_rgb(im) for im in images], size={"height": s, "width": s},
+                              return_tensors="pt")["pixel_values"]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Logits (b, classes), or the last hidden state (b, tokens, dim) of a ViT without a head."""
         out = self.model(pixel_values=batch["pixel_values"])
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
-    def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
-        g = self.image_size // int(self.config.patch_size)
-        return InputMeta(spans={"cls": (0, 1), "image": (1, 1 + g * g)}, grid=(g, g),
-                         image_size=(self.image_size, self.image_size))
 
-
-def vision_specs(config: Any, prefix: str = "") -> list[HookSpec]:
-    """Canonical vision hooks of a transformers ViT whose layers sit at ``{prefix}layers.{i}``."""
-    h = config.num_attention_heads
-    specs: list[HookSpec] = []
-    for i in range(config.num_hidden_layers):
-        specs += [
-            HookSpec(VISION_PATTERN.format(i=i), f"{prefix}layers.{i}.attention", "pattern",
-                     "(batch, heads, tokens, tokens)", n_heads=h),
-            HookSpec(VISION_Z.format(i=i), f"{prefix}layers.{i}.attention.o_proj", "input",
-                     "(batch, tokens, heads * head_dim)", n_heads=h),
-            HookSpec(VISION_RESID_POST.format(i=i), f"{prefix}layers.{i}", "output", "(batch, tokens, dim)"),
-        ]
-    return specs
-
-
-def register() -> None:
-    from probe.registry import register_model
-
-    register_model(
-        "hf-vit",
-        HFViTAdapter.load,
-        capabilities=CAPABILITIES,
-        summary=f"transformers ViTModel/ViTForImageClassification (default {HUB_ID})",
-    )
+register_model("hf-vit", HFViTAdapter.load, capabilities=HFViTAdapter.capabilities,
+               summary=f"transformers ViTModel/ViTForImageClassification (default {HUB_ID})")

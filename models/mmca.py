@@ -16,14 +16,18 @@ token gives a zero image term (the blind baseline), never NaN.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from probe.capture import sites
 from probe.capture.sites import AttentionSite, PatternSource, keep_to_additive
+from probe.models.own_captioners import CharCaptioner
 from probe.models.text import EncodeDecodeCaptioner
-from probe.models.vit import ViT, ViTConfig
+from probe.models.vit import ViT, ViTConfig, vit_block
+from probe.registry import register_model
+from probe.types import FUSION_PROJ, VISION_OUTPUT, Block, Capabilities, Hook, HookSpec, Recipe, prefixed
 
 
 class MMCAAttention(nn.Module):
@@ -119,22 +123,19 @@ class MMCACaptioner(EncodeDecodeCaptioner):
     def __init__(self, cfg: MMCAConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = ViT(ViTConfig(**(cfg.vision or {})))
-        self.proj = nn.Linear(self.vision.cfg.dim, cfg.dim)
+        self.vision_config = ViTConfig(**(cfg.vision or {}))
+        self.vision = ViT(self.vision_config)
+        self.proj = nn.Linear(self.vision_config.dim, cfg.dim)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Parameter(torch.randn(1, cfg.max_len, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(MMCABlock(cfg.dim, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
 
-    @property
-    def n_image_tokens(self) -> int:
-        return self.vision.cfg.seq_len
-
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) -> projected vision tokens (b, 1 + patches, dim), the ViT's CLS first, so
         the visual stream is indexed like the encoder's tokens."""
-        return self.proj(self.vision.features(pixel_values))
+        return self.proj(self.vision(pixel_values, features=True))
 
     def decode(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         nt = self.check_length(input_ids)
@@ -143,3 +144,52 @@ class MMCACaptioner(EncodeDecodeCaptioner):
             vis, txt = blk(vis, txt)
         return self.head(self.norm(txt))
 
+
+class MMCAAdapter(CharCaptioner):
+    """``mmca``. `load(config=...)`: `MMCAConfig` fields (``vision``: the ViT's `ViTConfig` fields)."""
+
+    name = "mmca"
+    capabilities = Capabilities(family="mmca", fusion="multimodal_causal", has_cross_attention=True, tasks=("caption",))
+    model: MMCACaptioner
+
+    @classmethod
+    def _spec(cls, config: dict[str, Any], vocab_size: int, meta: bool) -> dict[str, Any]:
+        return {"config": {"vocab_size": vocab_size, **config}}
+
+    @classmethod
+    def _model(cls, spec: dict[str, Any]) -> MMCACaptioner:
+        return MMCACaptioner(MMCAConfig(**spec["config"]))
+
+    def _config_json(self) -> dict[str, Any]:
+        return {"config": self.model.cfg.to_dict()}
+
+    @property
+    def image_size(self) -> int:
+        return self.model.vision_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.vision_config.patch_size
+
+    def blocks(self) -> list[Block]:
+        h = self.model.cfg.heads
+        return [*prefixed([vit_block(self.model.vision_config)], "vision."),
+                Block("text", "blocks.{i}", self.model.cfg.depth, (
+                    Hook("attn.pattern", "attn.text_site", "pattern", n_heads=h,
+                         shape="(batch, heads, text, text): causal text->text softmax"),
+                    Hook("xattn.pattern", "attn.cross_site", "pattern", n_heads=h,
+                         shape="(batch, heads, text, image): text->image softmax"),
+                    Hook("attn.z", "attn.out_proj", "input", n_heads=h,
+                         shape="(batch, tokens, heads * head_dim), both streams"),
+                ))]
+
+    def single_hooks(self) -> list[HookSpec]:
+        return [HookSpec(VISION_OUTPUT, "vision", "output"), HookSpec(FUSION_PROJ, "proj", "output")]
+
+
+register_model("mmca", MMCAAdapter.load, capabilities=MMCAAdapter.capabilities,
+               summary="ViT + MMCA decoder: separate text->text and text->image softmaxes",
+               recipe=Recipe("mmca", "caption", {"dim": 96, "depth": 3, "heads": 4, "max_len": 96,
+                                                 "vision": {"dim": 64, "depth": 3, "heads": 4, "image_size": 64,
+                                                            "patch_size": 8}},
+                             n_train=12000, steps=3000, lr=2e-3))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from probe.train import fit
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
@@ -104,27 +101,21 @@ def train_captioner(
     seed: int = 0,
     progress: bool = True,
 ) -> CaptionTrainReport:
-    """Teacher-forced training of ``model(pixel_values, input_ids) -> logits`` on its trainable parameters.
+    """Teacher-forced training of ``model(pixel_values, input_ids) -> logits`` on its trainable
+    parameters (`probe.train.fit`: AdamW, cosine decay, no warm-up or clipping).
 
     Args:
         pixel_values: (n, 3, H, W); input_ids: (n, T) from `CharTokenizer.batch`.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc=f"train {type(model).__name__}", disable=not progress):
+
+    def loss_at(_step: int) -> torch.Tensor:
         idx = torch.randint(0, len(input_ids), (min(batch_size, len(input_ids)),), generator=g)
-        loss = caption_loss(model(pixel_values[idx], input_ids[idx]), input_ids[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        return caption_loss(model(pixel_values[idx], input_ids[idx]), input_ids[idx])
+
+    model.train()
+    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=0.0, warmup=0, clip=None,
+                 desc=f"train {type(model).__name__}", progress=progress)
     model.eval()
     return CaptionTrainReport(losses, steps)
 

@@ -1,40 +1,24 @@
-"""A from-scratch ViT with six attention kinds, its checkpoint format and its adapter.
+"""A from-scratch ViT with six attention kinds and its adapters (``vit-standard``, ``vit-performer`` ...).
 
-Checkpoint folder: ``config.json`` (``{"probe_model": "vit", "config": {...}}``) and
-``model.safetensors``. Written by `save_vit` (and ``probe train vit``), read by `load_vit`.
+Checkpoint folder: ``config.json`` (``{"probe_model": "vit", "config": {...}}``) and ``model.safetensors``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probe.adapter import ModelAdapter
+from probe.adapter import Classifier
 from probe.data import images_to_tensor
-from probe.io import atomic_dir
 from probe.models.attention import APPROXIMATE_KINDS, ATTENTION_KINDS, AttentionConfig, make_attention
-from probe.types import (
-    VISION_PATTERN,
-    VISION_RESID_POST,
-    VISION_Z,
-    Capabilities,
-    HookSpec,
-    InputMeta,
-    WeightsInfo,
-)
-from probe.weights import files_sha256, state_dict_sha256
-from probe.zoo import source_of
-
-log = logging.getLogger(__name__)
+from probe.registry import register_model
+from probe.types import Block, Capabilities, Hook, Recipe
+from probe.weights import CheckpointError, load_state, read_checkpoint, write_checkpoint
 
 
 @dataclass(frozen=True)
@@ -88,7 +72,7 @@ class ViTConfig:
         return cls(**d)
 
 
-class Block(nn.Module):
+class ViTBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, cfg: ViTConfig) -> None:
@@ -113,8 +97,8 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Vision transformer: patch embedding, CLS token, learned positions, pre-norm blocks, head.
 
-    ``forward(pixels (batch, 3, H, W)) -> logits (batch, num_classes)``; `features` gives the
-    final normalised tokens (batch, 1 + patches, dim), CLS first.
+    ``forward(pixels (batch, 3, H, W)) -> logits (batch, num_classes)``; with ``features=True``
+    the final normalised tokens (batch, 1 + patches, dim), CLS first (what a captioner reads).
     """
 
     def __init__(self, cfg: ViTConfig) -> None:
@@ -123,12 +107,12 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.seq_len, cfg.dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, features: bool = False) -> torch.Tensor:
         h, w = pixels.shape[-2:]
         if (h, w) != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(
@@ -139,180 +123,100 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels)[:, 0])
+        x = self.norm(x)
+        return x if features else self.head(x[:, 0])
 
 
-def save_vit(model: ViT, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically (config.json + model.safetensors)."""
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        meta = {"probe_model": "vit", "config": model.cfg.to_dict(), **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-    return folder
+def vit_block(cfg: ViTConfig) -> Block:
+    """Hooks of a from-scratch `ViT` whose blocks sit at ``blocks.{i}`` (use `prefixed` inside a model)."""
+    return Block("vision", "blocks.{i}", cfg.depth, (
+        Hook("attn.pattern", "attn", "pattern", n_heads=cfg.heads, approximate=cfg.attention in APPROXIMATE_KINDS),
+        Hook("attn.z", "attn.out_proj", "input", n_heads=cfg.heads),
+        Hook("resid_post", "", "output"),
+    ))
 
 
-def load_vit(folder: str | Path) -> tuple[ViT, dict[str, Any]]:
-    """Read a checkpoint folder written by `save_vit`. Returns the model and its config.json."""
-    folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a probe ViT checkpoint: expected config.json and model.safetensors "
-            "(written by `probe train vit --out DIR`)"
-        )
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("probe_model") != "vit":
-        raise ValueError(f"{cfg_path} is not a probe ViT config (probe_model={meta.get('probe_model')!r})")
-    model = ViT(ViTConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(str(weights)))
-    return model, meta
-
-
-class ViTAdapter(ModelAdapter):
-    """Adapter of the from-scratch ViT (any attention kind)."""
-
-    def __init__(self, model: ViT, weights: WeightsInfo, name: str | None = None) -> None:
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self.name = name or f"vit-{model.cfg.attention.replace('_', '-')}"
-        self.weights = weights
-        self.capabilities = capabilities_for(model.cfg.attention)
-
-    @classmethod
-    def load(
-        cls,
-        *,
-        attention: str = "standard",
-        weights: str = "auto",
-        seed: int = 0,
-        config: dict[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> ViTAdapter:
-        """Load weights: ``random`` (seeded), a checkpoint folder, or ``auto``/``demo``.
-
-        ``auto`` uses bundled demo weights when they exist for this kind and otherwise random
-        weights, saying so in the log and in `weights`.
-        """
-        name = f"vit-{attention.replace('_', '-')}"
-        if weights in ("auto", "demo"):
-            from probe.zoo import demo_path
-
-            demo = demo_path(name)
-            if (demo / "config.json").is_file():
-                log.info("%s: bundled demo weights (probe-shapes zoo) from %s", name, demo)
-                weights = str(demo)
-            elif weights == "demo":
-                raise FileNotFoundError(
-                    f"no demo weights are bundled for {name}; use --weights random, or build them with "
-                    f"`probe zoo train {name}`, or pass a checkpoint folder"
-                )
-            else:
-                log.warning("%s: no bundled weights; using random weights (seed %d)", name, seed)
-                weights = "random"
-        if weights == "random":
-            torch.manual_seed(seed)
-            vcfg = ViTConfig(attention=attention, **(config or {}))
-            model = ViT(vcfg)
-            info = WeightsInfo("random", f"seed={seed}", state_dict_sha256(model))
-        else:
-            path = Path(weights)
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"weights {weights!r}: no such folder. Use auto, random, or a folder written by "
-                    "`probe train vit --out DIR`"
-                )
-            model, _ = load_vit(path)
-            if model.cfg.attention != attention:
-                raise ValueError(
-                    f"{path} holds a ViT with {model.cfg.attention!r} attention; load it as "
-                    f"vit-{model.cfg.attention.replace('_', '-')}"
-                )
-            info = WeightsInfo(source_of(path), str(path.resolve()), files_sha256([path / "model.safetensors"]))
-        adapter = cls(model, info, name=name)
-        return adapter.to(device, dtype)  # type: ignore[return-value]
-
-    def hook_specs(self) -> list[HookSpec]:
-        return vit_specs(self.cfg)
-
-    def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        pixels = images_to_tensor(images, self.cfg.image_size, self.cfg.mean, self.cfg.std)
-        return {"pixel_values": pixels.to(self.device, self.dtype)}
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["pixel_values"])
-
-    def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
-        n = self.cfg.seq_len
-        return InputMeta(
-            spans={"cls": (0, 1), "image": (1, n)},
-            grid=self.cfg.grid,
-            image_size=(self.cfg.image_size, self.cfg.image_size),
-            approximate=self.cfg.attention in APPROXIMATE_KINDS,
-        )
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.cfg.attention
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.cfg.labels) or [str(i) for i in range(self.cfg.num_classes)]
-
-
-def vit_specs(cfg: ViTConfig, prefix: str = "") -> list[HookSpec]:
-    """Canonical vision hooks of a from-scratch `ViT` whose blocks sit at ``{prefix}blocks.{i}``."""
-    approx = cfg.attention in APPROXIMATE_KINDS
-    specs: list[HookSpec] = []
-    for i in range(cfg.depth):
-        specs += [
-            HookSpec(VISION_PATTERN.format(i=i), f"{prefix}blocks.{i}.attn", "pattern",
-                     "(batch, heads, tokens, tokens)", n_heads=cfg.heads, approximate=approx),
-            HookSpec(VISION_Z.format(i=i), f"{prefix}blocks.{i}.attn.out_proj", "input",
-                     "(batch, tokens, heads * head_dim)", n_heads=cfg.heads),
-            HookSpec(VISION_RESID_POST.format(i=i), f"{prefix}blocks.{i}", "output", "(batch, tokens, dim)"),
-        ]
-    return specs
+def model_name(kind: str) -> str:
+    return f"vit-{kind.replace('_', '-')}"
 
 
 def capabilities_for(kind: str) -> Capabilities:
-    return Capabilities(
-        family="vit",
-        fusion="none",
-        has_cross_attention=False,
-        attention_weights="effective" if kind in APPROXIMATE_KINDS else "exact",
-        attention_kind=kind,
-        tasks=("classify",),
-    )
+    return Capabilities(family="vit", attention_weights="effective" if kind in APPROXIMATE_KINDS else "exact",
+                        attention_kind=kind, tasks=("classify",),
+                        default_for=("classify",) if kind == "standard" else ())
 
 
-def register() -> None:
-    from functools import partial
+class ViTAdapter(Classifier):
+    """Adapter of the from-scratch ViT, one subclass per attention kind (`ADAPTERS`).
+    `load(config=...)` takes `ViTConfig` fields."""
 
-    from probe.registry import register_model
+    name = "vit-standard"
+    attention: ClassVar[str] = "standard"
+    capabilities = capabilities_for("standard")
+    model: ViT
 
-    summaries = {
-        "standard": "ViT, multi-head softmax attention (SDPA kernel)",
-        "merged_qkv": "ViT, softmax attention with one merged QKV projection",
-        "linformer": "ViT, Linformer low-rank sequence projections (fixed length)",
-        "performer": "ViT, Performer FAVOR+ positive orthogonal random features",
-        "nystrom": "ViT, Nystromformer segment-mean landmarks + iterative pseudo-inverse",
-        "hybrid": "ViT, dilated local softmax + global linear attention, gated per head",
-    }
-    for kind in ATTENTION_KINDS:
-        register_model(
-            f"vit-{kind.replace('_', '-')}",
-            partial(ViTAdapter.load, attention=kind),
-            capabilities=capabilities_for(kind),
-            summary=summaries[kind],
-        )
+    @classmethod
+    def _build(cls, config: dict[str, Any] | None, meta: bool) -> Self:
+        cfg = ViTConfig.from_dict({"attention": cls.attention, **(config or {})})
+        if cfg.attention != cls.attention:
+            raise ValueError(f"{cls.name} has {cls.attention!r} attention; config asks for {cfg.attention!r}")
+        return cls(ViT(cfg))
+
+    @classmethod
+    def _load(cls, ref: str, local_only: bool) -> Self:
+        meta, state = read_checkpoint(ref, "vit")
+        cfg = ViTConfig.from_dict(meta["config"])
+        if cfg.attention != cls.attention:
+            raise CheckpointError(f"{ref} holds a ViT with {cfg.attention!r} attention; load it as "
+                                  f"{model_name(cfg.attention)}")
+        return cls(load_state(ViT(cfg), state, ref))
+
+    def _save(self, folder: Path) -> None:
+        write_checkpoint(folder, "vit", self.model, config=self.model.cfg.to_dict())
+
+    def blocks(self) -> list[Block]:
+        return [vit_block(self.model.cfg)]
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.cfg.patch_size
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.model.cfg.labels) or [str(i) for i in range(self.model.cfg.num_classes)]
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.cfg.attention
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return images_to_tensor(images, self.image_size, self.model.cfg.mean, self.model.cfg.std)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (b, num_classes)."""
+        return self.model(batch["pixel_values"])
 
 
-def with_attention(cfg: ViTConfig, kind: str) -> ViTConfig:
-    """The same config with another attention kind."""
-    return replace(cfg, attention=kind)
+# the probe-shapes zoo: every kind at the same small size (64 px images, 8 px patches)
+ZOO_CONFIG = {"dim": 64, "depth": 4, "heads": 4, "patch_size": 8, "image_size": 64}
+SUMMARIES = {
+    "standard": "ViT, multi-head softmax attention (SDPA kernel)",
+    "merged_qkv": "ViT, softmax attention with one merged QKV projection",
+    "linformer": "ViT, Linformer low-rank sequence projections (fixed length)",
+    "performer": "ViT, Performer FAVOR+ positive orthogonal random features",
+    "nystrom": "ViT, Nystromformer segment-mean landmarks + iterative pseudo-inverse",
+    "hybrid": "ViT, dilated local softmax + global linear attention, gated per head",
+}
+#: the adapter class of each attention kind
+ADAPTERS: dict[str, type[ViTAdapter]] = {
+    k: ViTAdapter if k == "standard" else type(f"ViT{k.title().replace('_', '')}Adapter", (ViTAdapter,), {
+        "name": model_name(k), "attention": k, "capabilities": capabilities_for(k), "__module__": __name__})
+    for k in ATTENTION_KINDS
+}
+for _kind, _cls in ADAPTERS.items():
+    register_model(_cls.name, _cls.load, capabilities=_cls.capabilities, summary=SUMMARIES[_kind],
+                   recipe=Recipe(_cls.name, "classify", ZOO_CONFIG, n_train=12000, steps=2500, lr=2e-3))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import torch
 from PIL import Image
@@ -13,8 +14,9 @@ from probe.capture import Intervention, Replace
 from probe.data import images_to_tensor
 from probe.models.cross_attention import TextConditionedClassifier
 from probe.models.text import CharTokenizer
-from probe.types import Capabilities, HookSpec, InputMeta, WeightsInfo
-from probe.weights import state_dict_sha256
+from probe.registry import register_model
+from probe.types import Block, Capabilities, Hook, HookSpec, InputMeta
+from probe.weights import load_state, read_checkpoint, write_checkpoint
 
 
 class ConditioningAdapter(ModelAdapter):
@@ -22,37 +24,47 @@ class ConditioningAdapter(ModelAdapter):
 
     Its pattern hook is ``vision.blocks.0.xattn.pattern`` (batch, heads, h*w, text): image
     queries, text keys (the reverse of a captioner's ``text.blocks.{i}.xattn.pattern``).
-    Padding in the prompt batch is masked by the model itself.
+    Padding in the prompt batch is masked by the model itself. `load(config=...)`: the
+    `TextConditionedClassifier` arguments but the vocabulary (``image_size``, ``num_classes`` ...).
     """
 
     name = "xattn-cond"
     capabilities = Capabilities(family="xattn-cond", fusion="cross_attention", has_cross_attention=True,
                                 tasks=("classify",))
-
-    def __init__(self, model: TextConditionedClassifier, tokenizer: CharTokenizer, weights: WeightsInfo,
-                 image_size: int) -> None:
-        self.model, self.tokenizer, self.weights, self.image_size = model.eval(), tokenizer, weights, image_size
+    model: TextConditionedClassifier
 
     @classmethod
-    def load(cls, *, weights: str = "auto", seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32,
-             image_size: int = 32, num_classes: int = 2) -> ConditioningAdapter:
-        if weights == "auto":
-            weights = "random"
-        if weights != "random":
-            raise FileNotFoundError(f"xattn-cond: weights {weights!r} not available; only random for now")
-        torch.manual_seed(seed)
+    def _build(cls, config: dict[str, Any] | None, meta: bool) -> Self:
         tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
-        model = TextConditionedClassifier(len(tok), num_classes)
-        return cls(model, tok, WeightsInfo("random", f"seed={seed}", state_dict_sha256(model)),
-                   image_size).to(device, dtype)  # type: ignore[return-value]
+        return cls(TextConditionedClassifier(len(tok), **{"num_classes": 2, **(config or {})}), tokenizer=tok)
 
-    def hook_specs(self) -> list[HookSpec]:
-        return [
-            HookSpec("vision.blocks.0.xattn.pattern", "block", "pattern", "(batch, heads, h*w, text)",
-                     n_heads=self.model.block.heads),
-            HookSpec("vision.blocks.0.resid_pre", "stem", "output", "(batch, channels, h, w)"),
-            HookSpec("vision.blocks.0.resid_post", "block", "output", "(batch, channels, h, w)"),
-        ]
+    @classmethod
+    def _load(cls, ref: str, local_only: bool) -> Self:
+        meta, state = read_checkpoint(ref, cls.name, "tokenizer.json")
+        model = load_state(TextConditionedClassifier(**meta["config"]), state, ref)
+        return cls(model, tokenizer=CharTokenizer.load(Path(ref) / "tokenizer.json"))
+
+    def _save(self, folder: Path) -> None:
+        write_checkpoint(folder, self.name, self.model, config=self.model.cfg)
+        self.tokenizer.save(folder / "tokenizer.json")
+
+    def blocks(self) -> list[Block]:
+        return [Block("vision", "block", 1, (
+            Hook("xattn.pattern", "", "pattern", n_heads=self.model.block.heads, shape="(batch, heads, h*w, text)"),
+            Hook("resid_post", "", "output", shape="(batch, channels, h, w)"),
+        ))]
+
+    def single_hooks(self) -> list[HookSpec]:
+        return [HookSpec("vision.blocks.0.resid_pre", "stem", "output", "(batch, channels, h, w)")]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.cfg["image_size"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // 4  # two stride-2 convolutions
+        return (g, g)
 
     def preprocess(self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None) -> dict:
         px = images_to_tensor(images, self.image_size).to(self.device, self.dtype)
@@ -61,12 +73,8 @@ class ConditioningAdapter(ModelAdapter):
         return {"pixel_values": px, "input_ids": ids, "key_padding_mask": ids == self.tokenizer.pad_id}
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """Logits (b, num_classes)."""
         return self.model(batch["pixel_values"], batch["input_ids"], batch["key_padding_mask"])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        g = self.image_size // 4  # two stride-2 convolutions
-        return (g, g)
 
     def input_meta(self, batch: dict) -> InputMeta:
         g = self.grid
@@ -87,8 +95,5 @@ class ConditioningAdapter(ModelAdapter):
         return [Replace("vision.blocks.0.resid_pre", zero)]
 
 
-def register() -> None:
-    from probe.registry import register_model
-
-    register_model("xattn-cond", ConditioningAdapter.load, capabilities=ConditioningAdapter.capabilities,
-                   summary="conv feature map conditioned on a text prompt by the cross-attention block")
+register_model("xattn-cond", ConditioningAdapter.load, capabilities=ConditioningAdapter.capabilities,
+               summary="conv feature map conditioned on a text prompt by the cross-attention block")

@@ -1,39 +1,195 @@
-"""The `ModelAdapter` base class: everything model-specific, behind one interface.
+"""Adapters: everything model-specific behind one interface, the shared behaviour written once.
 
-An adapter owns a native model and knows how to load its weights, preprocess images, run it,
-which native modules map to which canonical hooks (`hook_specs`) and where the image and text
-tokens sit (`input_meta`). Analyses only talk to adapters through this interface.
+`ModelAdapter` loads through the one weights resolver (`probe.weights.resolve`), expands the hook
+block templates a family declares, preprocesses images and saves atomically. `Classifier` and
+`Captioner` add the contract of their task. A family provides only primitives:
+
+- every family: ``_build(config, meta)`` and ``_load(ref, local_only)`` (classmethods returning an
+  adapter), ``_save(folder)``, ``blocks()`` (+ ``single_hooks()``), ``image_size``/``patch_size``,
+  ``_groups()`` (parameter groups, ``{i}`` = block index); ``capture_attention`` names the
+  submodule whose transformers attention runs on ``probe_capture``;
+- classifiers: ``forward`` and ``labels``;
+- captioners: ``specials``, ``max_new_tokens``, ``_logits(pixels, ids, mask)``,
+  ``_generate(pixels, max_new_tokens, num_beams, **kw) -> new ids``, ``_encode_text``,
+  ``_tokens``, ``_text``.
+
+``__init__`` only stores the model, its weights info and its parts (processor, tokenizer).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
 
 import torch
 from PIL import Image
 from torch import nn
 
+from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
+from probe.capture.cache import ActivationCache
 from probe.capture.engine import capture
-from probe.types import Capabilities, HookSpec, InputMeta, WeightsInfo
+from probe.capture.generation import generate_and_capture, generated_tokens
+from probe.data import to_rgb
+from probe.io import atomic_dir
+from probe.types import (
+    TEXT_PATTERN,
+    TEXT_XATTN_PATTERN,
+    Block,
+    Capabilities,
+    HookSpec,
+    InputMeta,
+    WeightsInfo,
+    expand,
+)
+from probe.weights import resolve
 
 
 class ModelAdapter(abc.ABC):
-    """Base class of every adapter. Subclasses set `name`, `model`, `capabilities`, `weights`."""
+    """Base class of every adapter; see the module docstring for what a family provides.
 
-    name: str
-    model: nn.Module
-    capabilities: Capabilities
-    weights: WeightsInfo
+    Class attributes: `name`, `capabilities`, `hub_id` (what ``pretrained`` loads), `auto` (what
+    ``weights="auto"`` tries, in order), `capture_attention` (the submodule put on ``probe_capture``:
+    ``""`` the whole model, None none).
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    hub_id: ClassVar[str | None] = None
+    auto: ClassVar[tuple[str, ...]] = ("demo", "random")
+    capture_attention: ClassVar[str | None] = None
+
+    def __init__(self, model: nn.Module, weights: WeightsInfo | None = None, *, processor: Any = None,
+                 tokenizer: Any = None) -> None:
+        self.model = model
+        self.weights = weights
+        self.processor = processor
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def load(cls, *, weights: str = "auto", seed: int = 0, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, config: dict[str, Any] | None = None) -> Self:
+        """Load the model and its parts, in eval mode, on `device` in `dtype`.
+
+        Args:
+            weights: ``auto`` | ``pretrained`` | ``demo`` | ``random`` | ``meta`` | a hub id | a
+                folder (see `probe.weights.resolve`; ``meta`` ignores `device`).
+            seed: seeds whatever is randomly initialised.
+            config: the family's config dict; it sizes what is built (``random``, ``meta``, an
+                ``auto`` that falls back to random). None: the published or default size.
+        """
+        adapter, info = resolve(weights, name=cls.name, hub_id=cls.hub_id, auto=cls.auto, seed=seed,
+                                load=cls._load, build=lambda meta: cls._build(config, meta))
+        note = "; ".join(n for n in (info.note, adapter.weights.note if adapter.weights else "") if n)
+        if info.source == "meta":
+            size = "given config" if config else ("published architecture" if cls.capabilities.published
+                                                  else "default config")
+            info = dataclasses.replace(info, ref=f"{size}, no weights")
+        adapter.weights = dataclasses.replace(info, note=note)
+        adapter.model.eval()
+        if cls.capture_attention is not None:
+            adapter.module(cls.capture_attention).set_attn_implementation(hf_attention.register())
+        return adapter.to(None if weights == "meta" else device, dtype)
+
+    @classmethod
+    @abc.abstractmethod
+    def _build(cls, config: dict[str, Any] | None, meta: bool) -> Self:
+        """The architecture with fresh weights: `config` (family dict) or the default/published size."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _load(cls, ref: str, local_only: bool) -> Self:
+        """From a checkpoint folder (or a hub id, for families with published weights)."""
 
     @abc.abstractmethod
+    def _save(self, folder: Path) -> None:
+        """Write what `_load` reads into `folder` (which exists and is a staging folder)."""
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None, *, force: bool = False) -> Path:
+        """Write the checkpoint to `folder` atomically (loadable with ``weights=folder``); `extra`
+        (JSON facts, e.g. a training card) is merged into its config.json. A non-empty existing
+        `folder` is refused unless `force` (see `probe.io.atomic_dir`)."""
+        with atomic_dir(folder, force=force) as tmp:
+            self._save(tmp)
+            if extra:
+                cfg = tmp / "config.json"
+                cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **extra}, indent=2))
+        return Path(folder)
+
+    # ------------------------------------------------------------------ hooks and parameters
+    @abc.abstractmethod
+    def blocks(self) -> list[Block]:
+        """Block templates of this model's canonical hooks."""
+
+    def single_hooks(self) -> list[HookSpec]:
+        """Hooks outside the blocks (``vision.output``, ``fusion.proj`` ...)."""
+        return []
+
     def hook_specs(self) -> list[HookSpec]:
         """Every canonical hook this model offers, mapped to native module paths."""
+        return expand(self.blocks(), self.single_hooks())
 
-    @abc.abstractmethod
+    def _groups(self) -> dict[str, list[str]]:
+        raise NotImplementedError(f"{self.name} declares no parameter groups")
+
+    def param_groups(self) -> dict[str, list[str]]:
+        """Module paths per parameter group (`probe.types.PARAM_GROUPS`), for parameter accounting.
+
+        A parameter belongs to the group of the longest declared path that contains it; every
+        parameter must be covered. A path with ``{i}`` stands for every block of its stack.
+        """
+        depth = {b.path.split("{i}")[0]: b.depth for b in self.blocks()}
+
+        def paths(p: str) -> list[str]:
+            if "{i}" not in p:
+                return [p]
+            return [p.format(i=i) for i in range(depth[p.split("{i}")[0]])]
+
+        return {g: [q for p in ps for q in paths(p)] for g, ps in self._groups().items()}
+
+    def module(self, path: str) -> nn.Module:
+        """The native module at a dotted path; a clear error when there is none."""
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError as e:
+            raise KeyError(f"{self.name}: no module {path!r} in {type(self.model).__name__}") from e
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the preprocessed (square) image."""
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid."""
+        g = self.image_size // self.patch_size
+        return g, g
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Vision tokens: CLS + patches."""
+        r, c = self.grid
+        return 1 + r * c
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """Images -> (b, 3, H, W) with the family's image processor."""
+        return self.processor(images=[to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """RGB PIL images -> model inputs, at least ``pixel_values`` (batch, 3, H, W)."""
+        if not len(images):
+            raise ValueError("no images given")
+        return {"pixel_values": self._pixels(list(images)).to(self.device, self.dtype)}
 
     @abc.abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -43,6 +199,7 @@ class ModelAdapter(abc.ABC):
     def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
         """Token spans, patch grid and token strings for this batch."""
 
+    # ------------------------------------------------------------------ facts and running
     @property
     def attn_implementation(self) -> str:
         """The attention implementation actually used, for the run manifest."""
@@ -56,26 +213,21 @@ class ModelAdapter(abc.ABC):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ModelAdapter:
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Self:
         """Move the model; returns self."""
         self.model.to(device=device, dtype=dtype)
         return self
 
     def describe(self) -> dict[str, Any]:
         """Model facts for a run manifest."""
-        return {
-            "name": self.name,
-            "class": type(self.model).__name__,
-            "capabilities": self.capabilities.to_dict(),
-            "weights": self.weights.to_dict(),
-            "attn_implementation": self.attn_implementation,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-        }
+        return {"name": self.name, "class": type(self.model).__name__, "capabilities": self.capabilities.to_dict(),
+                "weights": self.weights.to_dict() if self.weights else None,
+                "attn_implementation": self.attn_implementation,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def run_with_cache(
-        self, images: Sequence[Image.Image], hooks: str | Sequence[str] = "*", **capture_kwargs: Any
-    ) -> tuple[Any, Any]:
-        """Preprocess `images`, run the model under `probe.capture.capture` and return
+    def run_with_cache(self, images: Sequence[Image.Image], hooks: str | Sequence[str] = "*",
+                       **capture_kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Preprocess `images`, run the model under `probe.capture.capture`; returns
         ``(output, cache)``, the cache's `meta` set to this batch's `InputMeta`."""
         batch = self.preprocess(images)
         with torch.no_grad(), capture(self, hooks, **capture_kwargs) as cache:
@@ -83,18 +235,164 @@ class ModelAdapter(abc.ABC):
         cache.meta = self.input_meta(batch)
         return out, cache
 
-    def param_groups(self) -> dict[str, list[str]]:
-        """Module paths per parameter group (`PARAM_GROUPS`), for parameter accounting.
 
-        A parameter belongs to the group of the longest declared path that contains it; every
-        parameter must be covered (`probe.analyses.ca_params` checks). Families declare this so
-        that no analysis guesses from parameter names.
+class Classifier(ModelAdapter):
+    """An image classifier over CLS + patch tokens: ``forward(batch) -> logits (b, classes)``."""
+
+    @property
+    @abc.abstractmethod
+    def labels(self) -> list[str]:
+        """Class names, index = logit column."""
+
+    def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
+        s = self.image_size
+        return InputMeta(spans={"cls": (0, 1), "image": (1, self.n_image_tokens)}, grid=self.grid, image_size=(s, s),
+                         approximate=self.capabilities.attention_weights == "effective")
+
+
+@dataclass(frozen=True)
+class Specials:
+    """Special token ids of a captioner: the first decoder input, end of caption, padding."""
+
+    start: int
+    eos: int
+    pad: int
+
+
+class Captioner(ModelAdapter):
+    """An image captioner; the contract analyses use. Text patterns index the text tokens from
+    `text_offset()` on; `flow_hook` is the pattern whose keys hold the image tokens
+    (``[CLS, patches]`` at ``0 .. n_image_tokens``)."""
+
+    #: default number of new tokens of `caption` and `generate_with_cache`
+    max_new_tokens: int
+
+    @property
+    @abc.abstractmethod
+    def specials(self) -> Specials: ...
+
+    @abc.abstractmethod
+    def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Teacher-forced logits (b, T, vocab) at the text positions."""
+
+    @abc.abstractmethod
+    def _generate(self, pixel_values: torch.Tensor, max_new_tokens: int, num_beams: int, **kw: Any) -> torch.Tensor:
+        """Generated ids (b, new tokens), without the start token."""
+
+    @abc.abstractmethod
+    def _encode_text(self, caption: str) -> list[int]:
+        """Token ids of a caption, no special tokens."""
+
+    @abc.abstractmethod
+    def _tokens(self, ids: list[int]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _text(self, ids: list[int]) -> str:
+        """Caption text of ids (special tokens dropped)."""
+
+    # ------------------------------------------------------------------ derived once
+    @property
+    def flow_hook(self) -> str:
+        """Name template (``{i}`` = layer) of the pattern whose keys hold the image tokens."""
+        return TEXT_PATTERN if self.capabilities.joint_attention else TEXT_XATTN_PATTERN
+
+    def text_offset(self) -> int:
+        """Position of the first text token in the sequence the text patterns index."""
+        return self.n_image_tokens if self.capabilities.joint_attention else 0
+
+    def preprocess(self, images: Sequence[Image.Image],
+                   captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Images -> ``pixel_values`` (b, 3, H, W); with `captions`, `encode_captions` too."""
+        batch = super().preprocess(images)
+        if captions is not None:
+            if isinstance(captions, str) or len(captions) != len(images):
+                raise ValueError(f"give one caption per image: {len(images)} images, captions={captions!r}")
+            batch.update(self.encode_captions(captions))
+        return batch
+
+    def encode_captions(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (b, T): start, caption tokens, end, right-padded."""
+        sp = self.specials
+        rows = [[sp.start, *self._encode_text(c), sp.eos] for c in captions]
+        ids = torch.full((len(rows), max(map(len, rows))), sp.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced logits (b, T, vocab): ``logits[:, t]`` predicts ``input_ids[:, t + 1]``.
+        Without ``input_ids``, the first step from the start token."""
+        ids = batch.get("input_ids")
+        if ids is None:
+            ids = torch.full((batch["pixel_values"].shape[0], 1), self.specials.start, dtype=torch.long,
+                             device=self.device)
+        # no mask means every token is real (and keeps meta-device FLOP counting free of .item())
+        return self._logits(batch["pixel_values"], ids, batch.get("attention_mask"))
+
+    @torch.no_grad()
+    def caption(self, images: Sequence[Image.Image], max_new_tokens: int | None = None, num_beams: int = 1,
+                **generate_kwargs: Any) -> dict[str, Any]:
+        """Captions of a batch of images (greedy, or beam search where the family has it).
+
+        Returns:
+            ``{"ids": (b, new tokens), "tokens": [[str]] up to and including the end token, "text": [str]}``.
         """
-        raise NotImplementedError(f"{self.name} declares no parameter groups")
+        return self.caption_pixels(self.preprocess(images)["pixel_values"], max_new_tokens, num_beams,
+                                   **generate_kwargs)
 
-    def module(self, path: str) -> nn.Module:
-        """The native module at a dotted path; a clear error when there is none."""
-        try:
-            return self.model.get_submodule(path)
-        except AttributeError as e:
-            raise KeyError(f"{self.name}: no module {path!r} in {type(self.model).__name__}") from e
+    @torch.no_grad()
+    def caption_pixels(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
+                       **generate_kwargs: Any) -> dict[str, Any]:
+        """`caption` from preprocessed ``pixel_values`` (b, 3, H, W)."""
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self._decode(self._generate(pixel_values, n, num_beams, **generate_kwargs))
+
+    def _decode(self, new: torch.Tensor) -> dict[str, Any]:
+        kept = generated_tokens(new, self.specials.eos, self.specials.pad, list)
+        return {"ids": new, "tokens": [self._tokens(k) for k in kept], "text": [self._text(k) for k in kept]}
+
+    @torch.no_grad()
+    def generate_with_cache(
+        self, images: Sequence[Image.Image], hooks: str | Sequence[str] = "*.pattern", *,
+        max_new_tokens: int | None = None, heads: Any = None, reduce: HeadReduction | None = None,
+        dtype: torch.dtype | None = torch.float32, device: str | torch.device | None = "cpu", **generate_kwargs: Any,
+    ) -> tuple[dict[str, Any], ActivationCache]:
+        """Greedy captions with the hooks matching `hooks` captured during generation; see
+        `probe.capture.capture_generation` for what each call holds (text patterns: the newest query
+        row of each step). Beams would reorder the batch between steps, so there are none here.
+
+        Returns:
+            (captions as `caption` returns them, cache whose ``meta`` has the generated tokens and
+            a ``text`` span over them).
+        """
+        px = self.preprocess(images)["pixel_values"]
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        caps, cache = generate_and_capture(self, px, lambda: self._generate(px, n, 1, **generate_kwargs),
+                                           self._decode, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device)
+        cache.meta = self._meta(caps["ids"].shape[1], caps["tokens"])
+        return caps, cache
+
+    def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
+        ids = batch.get("input_ids")
+        if ids is None:
+            return self._meta(1, None)
+        mask = batch.get("attention_mask", torch.ones_like(ids))
+        tokens = [self._tokens(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
+        return self._meta(ids.shape[1], tokens)
+
+    def _meta(self, n_text: int, tokens: list[list[str]] | None) -> InputMeta:
+        t0, s = self.text_offset(), self.image_size
+        return InputMeta(spans={"cls": (0, 1), "image": (1, self.n_image_tokens), "text": (t0, t0 + n_text)},
+                         grid=self.grid, image_size=(s, s), tokens=tokens, flow_hook=self.flow_hook,
+                         joint=self.capabilities.joint_attention)
+
+    def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
+        """Interventions that remove image tokens from everything the text attends to.
+
+        `removed`: bool (batch, n_image_tokens), True = removed, over [CLS, patches]; None removes
+        all. A removed token gets exactly zero attention; a query left with no key reads nothing.
+        """
+        tokens: Any = list(range(self.n_image_tokens)) if removed is None else removed
+        return [MaskTokens(tokens, attention=self.flow_hook.format(i="*"))]

@@ -1,24 +1,61 @@
-"""Resolving ``--weights`` for Hugging Face models: auto, pretrained, random, a hub id or a folder.
+"""One weights resolver for every family: ``auto | pretrained | demo | random | meta | hub id | folder``.
 
-Nothing hangs without a network: ``auto`` looks in the local cache first, and
-``HF_HUB_OFFLINE=1`` is honoured (no request is made at all).
+Nothing hangs without a network: hub look-ups try the local cache first and honour
+``HF_HUB_OFFLINE=1``. Nothing runs code from a checkpoint: a config.json with an ``auto_map`` is
+refused before anything is loaded, folders load only safetensors, every ``from_pretrained`` gets
+``trust_remote_code=False``, and a checkpoint that leaves parameters missing or unexpected is an error.
+
+Our own checkpoint format (`write_checkpoint`/`read_checkpoint`): ``config.json``
+(``{"probe_model": KIND, "config": ..., ...}``) and ``model.safetensors``, plus family files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probe.types import WeightsInfo
+import probe.assets
+from probe.types import ProbeError, WeightsInfo
 
 log = logging.getLogger(__name__)
+
+#: the bundled demo checkpoints (the probe-shapes zoo), one folder per registered name
+ZOO_DIR = Path(probe.assets.__file__).resolve().parent / "zoo"
+
+
+class WeightsNotFound(ProbeError, FileNotFoundError):
+    """No weights could be had; the message says what was tried and how to get them."""
+
+
+class CheckpointError(ProbeError, ValueError):
+    """A checkpoint that cannot be used as it is: remote code, pickles only, the wrong kind, or
+    parameters that do not match the model. The message is one line and names the folder."""
+
+
+class HasModel(Protocol):
+    model: nn.Module
+
+
+T = TypeVar("T", bound=HasModel)
+
+
+def demo_path(name: str) -> Path:
+    """The folder of `name`'s bundled demo checkpoint (it may not exist)."""
+    return ZOO_DIR / name
+
+
+def source_of(folder: Path) -> str:
+    """``demo`` for a bundled zoo checkpoint, ``local`` for any other folder."""
+    return "demo" if Path(folder).resolve().is_relative_to(ZOO_DIR) else "local"
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -41,19 +78,13 @@ def files_sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-class WeightsNotFound(FileNotFoundError):
-    """No weights could be had; the message says what was tried and how to get them."""
-
-
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host accepts a TCP connection within `timeout` seconds.
-
-    huggingface_hub retries an unreachable host for about 25 s; this check fails in seconds.
-    """
+    """Whether the hub's host accepts a TCP connection within `timeout` seconds (huggingface_hub
+    retries an unreachable host for about 25 s; this check fails in seconds)."""
     import socket
     from urllib.parse import urlparse
 
@@ -65,79 +96,184 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-
-
-def load_hf(
-    load: Callable[[str, bool], Any],
-    build_random: Callable[[], Any],
-    weights: str,
-    *,
-    hub_id: str,
-    model_name: str,
-    demo: Path | None = None,
-) -> tuple[Any, WeightsInfo, str]:
-    """Resolve `weights` and load a model.
+# ------------------------------------------------------------------------------ the resolver
+def resolve(weights: str, *, name: str, load: Callable[[str, bool], T], build: Callable[[bool], T],
+            hub_id: str | None = None, auto: Sequence[str] = ("demo", "random"),
+            seed: int = 0) -> tuple[T, WeightsInfo]:
+    """Resolve `weights` and load or build a model.
 
     Args:
-        load: ``load(ref, local_files_only) -> model`` (a ``from_pretrained`` call).
-        build_random: builds the architecture with random weights.
-        weights: ``auto`` | ``pretrained`` | ``demo`` | ``random`` | a hub id | a local folder.
-        hub_id: the published checkpoint of this family.
-        demo: the bundled demo checkpoint folder of this family, if one is bundled.
+        weights: ``auto`` | ``pretrained`` (`hub_id`) | ``demo`` (`demo_path(name)`) | ``random``
+            | ``meta`` (the architecture on the meta device: no weights, no download) | a hub id |
+            a local folder.
+        load: ``load(ref, local_only)`` from a folder or a hub id; anything with a ``model``.
+        build: ``build(meta)``: the architecture with fresh weights (under ``torch.device("meta")``
+            when `meta`); seeded with `seed` first.
+        auto: what ``auto`` tries, in order, among ``hub``, ``demo`` and ``random`` (random with a
+            warning); the returned `WeightsInfo` says which was used and why.
 
-    ``auto`` tries the local Hugging Face cache, then the hub (unless ``HF_HUB_OFFLINE=1`` or the
-    host is unreachable), then the bundled demo weights, and only then random weights, with a
-    warning; the returned `WeightsInfo` always says which.
-
-    Returns:
-        (model, weights info, the reference its processor should be loaded from or "").
+    Raises:
+        WeightsNotFound: nothing could be had; the message says what was tried.
+        CheckpointError: a checkpoint names remote code, holds only pickles, or does not match the model.
     """
-    if weights == "demo":
-        if demo is None or not demo.is_dir():
-            raise WeightsNotFound(
-                f"{model_name}: no demo weights are bundled for this family yet; use --weights random, "
-                f"a folder written by save_pretrained, or {hub_id} where a network is available")
-        model = load(str(demo), True)
-        return model, WeightsInfo("demo", str(demo), files_sha256(_weight_files(demo))), str(demo)
+    if weights == "meta":
+        with torch.device("meta"):
+            return build(True), WeightsInfo("meta", "architecture only, no weights")
     if weights == "random":
-        model = build_random()
-        return model, WeightsInfo("random", "random init", state_dict_sha256(model)), ""
+        return _random(build, seed, "")
+    demo = demo_path(name)
+    if weights == "demo":
+        if not (demo / "config.json").is_file():
+            raise WeightsNotFound(f"{name}: no demo weights are bundled for this family; use --weights random, a "
+                                  f"checkpoint folder, or build them with `probe zoo train {name}`")
+        return _folder(load, demo, "demo", seed)
     path = Path(weights).expanduser()
     if path.is_dir() or weights.startswith((".", "/", "~")):
         if not path.is_dir():
-            raise WeightsNotFound(f"{model_name}: local weights folder {path} does not exist")
-        model = load(str(path), True)
-        return model, WeightsInfo("local", str(path.resolve()), files_sha256(_weight_files(path))), str(path)
+            raise WeightsNotFound(f"{name}: local weights folder {path} does not exist")
+        return _folder(load, path, source_of(path), seed)
+    if weights == "pretrained" and hub_id is None:
+        raise WeightsNotFound(f"{name} has no published weights; use auto, demo, random or a checkpoint folder")
+    if weights not in ("auto", "pretrained") and hub_id is None:
+        raise WeightsNotFound(f"{name}: weights {weights!r}: no such folder, and this family has no hub weights; "
+                              "use auto, demo, random, meta or a checkpoint folder")
     ref = hub_id if weights in ("auto", "pretrained") else weights
-    tried = []
+    tried: list[str] = []
+    for step in auto if weights == "auto" else ("hub",):
+        note = f"{ref} unavailable: tried {'; '.join(tried)}" if tried else ""
+        if step == "hub" and ref is not None:
+            got = _hub(load, ref, seed, tried)
+            if got is not None:
+                return got
+        elif step == "demo" and (demo / "config.json").is_file():
+            if tried:
+                log.warning("%s: %s not found (%s); using the bundled demo weights", name, ref, "; ".join(tried))
+            else:
+                log.info("%s: bundled demo weights (probe-shapes zoo) from %s", name, demo)
+            obj, info = _folder(load, demo, "demo", seed)
+            return obj, WeightsInfo(info.source, info.ref, info.sha256, note)
+        elif step == "random":
+            log.warning("%s: %s; using RANDOM weights (seed %d)", name,
+                        f"{ref} not found ({'; '.join(tried)}) and no demo weights are bundled" if tried
+                        else "no bundled weights", seed)
+            return _random(build, seed, note or "no bundled weights")
+    raise WeightsNotFound(
+        f"{name}: weights {ref!r} not found; tried {'; '.join(tried)}. Download them where a network is "
+        f"available (huggingface-cli download {ref}), pass a local folder written by adapter.save, or use "
+        "--weights random")
+
+
+def _random(build: Callable[[bool], T], seed: int, note: str) -> tuple[T, WeightsInfo]:
+    torch.manual_seed(seed)
+    obj = build(False)
+    return obj, WeightsInfo("random", f"random init, seed {seed}", state_dict_sha256(obj.model), note)
+
+
+def _folder(load: Callable[[str, bool], T], folder: Path, source: str, seed: int) -> tuple[T, WeightsInfo]:
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        refuse_remote_code(json.loads(cfg.read_text()), str(folder))
+    files = sorted(folder.glob("*.safetensors"))
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if not files and pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickled weights ({', '.join(sorted(pickles))}), which probe does not load; convert "
+            "them where you trust them, e.g. `python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{pickles[0]}', weights_only=True), 'model.safetensors')\"` in that folder")
+    torch.manual_seed(seed)
+    obj = load(str(folder), True)
+    return obj, WeightsInfo(source, str(folder.resolve()), files_sha256(files))
+
+
+def _hub(load: Callable[[str, bool], T], ref: str, seed: int, tried: list[str]) -> tuple[T, WeightsInfo] | None:
+    """The local cache first, then the hub when it is allowed and reachable; None (and `tried`
+    extended) when neither has `ref`."""
     for local_only in (True, False):
         if not local_only and offline():
             tried.append("the hub (skipped: HF_HUB_OFFLINE=1)")
-            break
+            return None
         if not local_only and not hub_reachable():
             tried.append("the hub (unreachable: no network)")
-            break
+            return None
         try:
-            model = load(ref, local_only)
+            from huggingface_hub import hf_hub_download
+
+            refuse_remote_code(json.loads(Path(hf_hub_download(ref, "config.json", local_files_only=local_only))
+                                          .read_text()), ref)
+            torch.manual_seed(seed)
+            obj = load(ref, local_only)
+        except ProbeError:
+            raise
         except (OSError, ValueError) as e:
             tried.append(f"{'local cache' if local_only else 'the hub'} ({type(e).__name__})")
             continue
-        return model, WeightsInfo("hub", ref, state_dict_sha256(model)), ref
-    if weights == "auto" and demo is not None and demo.is_dir():
-        log.warning("%s: %s not found (%s); using the bundled demo weights", model_name, ref, "; ".join(tried))
-        model = load(str(demo), True)
-        note = f"{ref} unavailable: tried {'; '.join(tried)}"
-        return model, WeightsInfo("demo", str(demo), files_sha256(_weight_files(demo)), note), str(demo)
-    if weights == "auto":
-        log.warning("%s: %s not found (%s) and no demo weights are bundled; using RANDOM weights",
-                    model_name, ref, "; ".join(tried))
-        model = build_random()
-        note = f"{ref} unavailable: tried {'; '.join(tried)}"
-        return model, WeightsInfo("random", "random init (auto fallback)", state_dict_sha256(model), note), ""
-    raise WeightsNotFound(
-        f"{model_name}: weights {ref!r} not found; tried {'; '.join(tried)}. Download them where a "
-        f"network is available (huggingface-cli download {ref}), pass a local folder written by "
-        "save_pretrained, or use --weights random"
-    )
+        return obj, WeightsInfo("hub", ref, state_dict_sha256(obj.model))
+    return None
+
+
+def refuse_remote_code(config: dict[str, Any], where: str) -> None:
+    """Refuse a config that names code to import (``auto_map``), before anything is loaded."""
+    if "auto_map" in config:
+        names = ", ".join(sorted(config["auto_map"]))
+        raise CheckpointError(f"{where}: config.json names remote code (auto_map: {names}); probe never runs code "
+                              "from a checkpoint: use a checkpoint of a built-in transformers class")
+
+
+# ------------------------------------------------------------------------------ loading helpers
+def from_pretrained(klass: Any, ref: str, local_only: bool, *, ignore_unexpected: tuple[str, ...] = (),
+                    **kwargs: Any) -> Any:
+    """``klass.from_pretrained`` without remote code, safetensors only from folders, and an error
+    when the checkpoint leaves parameters missing or unexpected (keys starting with
+    `ignore_unexpected` excepted). Configs, processors and tokenizers: use `hf_part`."""
+    model, info = klass.from_pretrained(
+        ref, local_files_only=local_only, trust_remote_code=False, output_loading_info=True,
+        use_safetensors=True if Path(ref).is_dir() else None, **kwargs)
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(ignore_unexpected))
+    check_keys(ref, sorted(info["missing_keys"]), unexpected, sorted(str(k) for k in info["mismatched_keys"]))
+    return model
+
+
+def hf_part(klass: Any, ref: str, local_only: bool, **kwargs: Any) -> Any:
+    """A config, image processor or tokenizer from `ref`, without remote code."""
+    return klass.from_pretrained(ref, local_files_only=local_only, trust_remote_code=False, **kwargs)
+
+
+def check_keys(where: str, missing: Sequence[str], unexpected: Sequence[str],
+               mismatched: Sequence[str] = ()) -> None:
+    """A one-line `CheckpointError` when a checkpoint does not fill the model exactly."""
+    found = (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+    parts = [f"{what} {len(keys)} ({', '.join(list(keys)[:4])}{', ...' if len(keys) > 4 else ''})"
+             for what, keys in found if keys]
+    if parts:
+        raise CheckpointError(f"{where}: the checkpoint does not match the model: parameters {'; '.join(parts)}")
+
+
+def write_checkpoint(folder: Path, kind: str, model: nn.Module, **meta: Any) -> None:
+    """Write ``config.json`` (``{"probe_model": kind, **meta}``) and ``model.safetensors`` into `folder`
+    (the caller makes it atomic, see `probe.io.atomic_dir`)."""
+    (folder / "config.json").write_text(json.dumps({"probe_model": kind, **meta}, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def read_checkpoint(folder: str | Path, kind: str, *files: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config.json, state dict)`` of a folder written by `write_checkpoint` for `kind`; `files`
+    are further files the family needs (checked to exist)."""
+    folder = Path(folder)
+    need = ["config.json", "model.safetensors", *files]
+    if not all((folder / n).is_file() for n in need):
+        raise WeightsNotFound(f"{folder} is not a {kind} checkpoint: expected {', '.join(need)} "
+                              "(written by adapter.save)")
+    meta = json.loads((folder / "config.json").read_text())
+    if meta.get("probe_model") != kind:
+        raise CheckpointError(f"{folder} holds a {meta.get('probe_model')!r} checkpoint, not {kind!r}")
+    return meta, load_file(str(folder / "model.safetensors"))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], folder: str | Path) -> nn.Module:
+    """`model` with `state` loaded strictly; a mismatch is a one-line error naming `folder`."""
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    check_keys(str(folder), sorted(set(own) - set(state)), sorted(set(state) - set(own)), mismatched)
+    model.load_state_dict(state, strict=True)
+    return model

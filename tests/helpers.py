@@ -1,6 +1,10 @@
-"""Test helpers: wrap a bare module as an adapter-like object for capture()."""
+"""Test helpers: bare modules as adapter-like objects for capture(); hostile checkpoints."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 from torch import nn
 
@@ -38,3 +42,23 @@ class SiteHooks:
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
+
+
+def hostile_copy(src, dst, marker):
+    """`src` with a config.json naming remote code (`auto_map`) whose module would create `marker`."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    return dst
+
+
+class Touch:
+    """Unpickling this creates a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)

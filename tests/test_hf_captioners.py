@@ -1,5 +1,5 @@
 """The transformers captioners (vit-gpt2, blip, git) on tiny configs of their real classes, saved
-with save_pretrained and loaded through the same code path as hub weights.
+with `save` (save_pretrained) and loaded through the same code path as hub weights.
 
 Captured patterns are checked against an eager copy's ``output_attentions`` (ViT-GPT2) or against
 a recomputation from the module's own query/key projections and a hand-built mask (BLIP, GIT),
@@ -20,7 +20,8 @@ from probe.data import ImageLoadError
 from probe.models.blip import BlipAdapter
 from probe.models.git import GitAdapter
 from probe.models.vit_gpt2 import ViTGPT2Adapter
-from probe.weights import WeightsNotFound
+from probe.weights import CheckpointError, WeightsNotFound
+from tests.helpers import Touch, hostile_copy
 
 FAMILIES = {"vit-gpt2": ViTGPT2Adapter, "blip": BlipAdapter, "git": GitAdapter}
 CAPTIONS = ["a red circle", "a blue square left of a small green triangle"]
@@ -32,7 +33,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("captioners")
     out = {}
     for name, cls in FAMILIES.items():
-        out[name] = cls.tiny(seed=3).save_pretrained(root / name)
+        out[name] = cls.tiny(seed=3).save(root / name)
     return out
 
 
@@ -207,6 +208,7 @@ def test_generate_rows_equal_forward_rows_and_caption_unchanged(name, folders, i
         want = full[n][:, :, off : off + steps, : stacked.shape[-1]]
         torch.testing.assert_close(stacked, want, atol=ATOL, rtol=0, msg=n)
     assert cache.meta.tokens == caps["tokens"] and cache.meta.flow_hook == adapter.flow_hook
+    assert cache.meta.spans["text"] == (off, off + steps)  # the generated tokens
 
 
 @pytest.mark.parametrize("name", ["vit-gpt2", "blip"])
@@ -305,7 +307,7 @@ def test_blip_cross_attention_mask_is_really_dropped_by_transformers(folders, im
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_save_load_round_trip_gives_identical_captions(name, folders, images, tmp_path):
     a = load(name, folders)
-    b = FAMILIES[name].load(weights=str(a.save_pretrained(tmp_path / "copy")))
+    b = FAMILIES[name].load(weights=str(a.save(tmp_path / "copy")))
     assert a.caption(images, max_new_tokens=5)["ids"].equal(b.caption(images, max_new_tokens=5)["ids"])
     assert b.weights.source == "local" and b.weights.sha256 == a.weights.sha256
 
@@ -322,9 +324,9 @@ def test_clear_errors(folders, tmp_path, monkeypatch, images):
         BlipAdapter.load(weights="someone/not-a-cached-model")
     with pytest.raises(WeightsNotFound, match="does not exist"):
         GitAdapter.load(weights=str(tmp_path / "missing"))
-    from probe import zoo
+    import probe.weights
 
-    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "no-zoo")  # a checkout without the bundled zoo
+    monkeypatch.setattr(probe.weights, "ZOO_DIR", tmp_path / "no-zoo")  # a checkout without the bundled zoo
     with pytest.raises(WeightsNotFound, match="no demo weights"):
         ViTGPT2Adapter.load(weights="demo")
     adapter = load("vit-gpt2", folders)
@@ -337,12 +339,51 @@ def test_clear_errors(folders, tmp_path, monkeypatch, images):
 
 
 def test_auto_falls_back_to_bundled_demo_weights_and_says_so(folders, monkeypatch, caplog):
-    import probe.models.hf_captioners as hc
+    import probe.weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "demo_path", lambda name: folders[name])
+    monkeypatch.setattr(probe.weights, "demo_path", lambda name: folders[name])
     adapter = GitAdapter.load(weights="auto")
     assert adapter.weights.source == "demo" and adapter.weights.ref == str(folders["git"])
     assert "HF_HUB_OFFLINE" in adapter.weights.note and adapter.weights.sha256
     assert "using the bundled demo weights" in caplog.text
     assert GitAdapter.load(weights="demo").weights.source == "demo"
+
+
+# ------------------------------------------------------------------ no code, no pickles, no silent gaps
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_folder_naming_remote_code_is_refused_before_anything_runs(name, folders, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = hostile_copy(folders[name], tmp_path / "hostile", marker)
+    with pytest.raises(CheckpointError, match="auto_map") as err:
+        FAMILIES[name].load(weights=str(folder))
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_pickle_only_folder_is_refused_with_how_to_convert(folders, tmp_path):
+    import pickle
+    import shutil
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(folders["blip"], folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Touch(marker)}))
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*model.safetensors") as err:
+        BlipAdapter.load(weights=str(folder))
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_checkpoint_missing_decoder_tensors_is_an_error(folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(folders["blip"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    gone = [k for k in state if k.startswith("text_decoder.bert.encoder.layer.1.")]
+    save_file({k: v for k, v in state.items() if k not in gone}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{folder}.*missing {len(gone)}") as err:
+        BlipAdapter.load(weights=str(folder))
+    assert "\n" not in str(err.value)

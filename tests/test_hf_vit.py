@@ -8,7 +8,8 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from probe.capture import MaskTokens, ZeroHeads, capture, intervene, sites
 from probe.models.hf_vit import HFViTAdapter
-from probe.weights import WeightsNotFound
+from probe.weights import CheckpointError, WeightsNotFound
+from tests.helpers import hostile_copy
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
             image_size=32, patch_size=8, num_labels=5)
@@ -113,3 +114,10 @@ def test_missing_folder_and_offline_hub_give_clear_errors(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsNotFound, match="HF_HUB_OFFLINE"):
         HFViTAdapter.load(weights="pretrained")
+
+
+def test_folder_naming_remote_code_is_refused(tiny_folder, tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(CheckpointError, match="auto_map") as err:
+        HFViTAdapter.load(weights=str(hostile_copy(tiny_folder, tmp_path / "hostile", marker)))
+    assert "\n" not in str(err.value) and not marker.exists()

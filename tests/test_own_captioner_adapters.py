@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.capture import capture, intervene
+from probe import registry
+from probe.capture import Precomputed, capture, intervene, record_outputs
+from probe.data.shapes import iter_split
 from probe.registry import load_model
+from probe.weights import CheckpointError, WeightsNotFound
 
 SMALL = {
-    "prefix-vlm": {"decoder": {"d_model": 32, "depth": 2, "heads": 2},
-                   "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                              "intermediate_size": 64, "image_size": 32, "patch_size": 8}},
+    "prefix-vlm": {"config": {"decoder": {"d_model": 32, "depth": 2, "heads": 2},
+                              "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "intermediate_size": 64, "image_size": 32, "patch_size": 8}}},
     "mmca": {"config": {"dim": 32, "depth": 2, "heads": 2,
                         "vision": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2}}},
 }
@@ -104,6 +107,64 @@ def test_generate_with_cache_rows_equal_teacher_forced_rows(adapter, rgb_images)
     with torch.no_grad(), capture(adapter, "text.*.pattern") as full:
         adapter.forward(batch)
     off = adapter.text_offset()
+    assert cache.meta.spans["text"] == (off, off + steps)  # the generated tokens
     for n in full.names():
         rows = cache.stack_calls(n)
         torch.testing.assert_close(rows, full[n][:, :, off : off + steps, : rows.shape[-1]], atol=1e-5, rtol=0)
+
+
+
+def test_default_caption_length_fits_the_longest_captions():
+    """The default generation length comes from the decoder (max_len - 1): the bundled models'
+    3-object captions end with <eos> instead of being cut at a fixed 32 characters."""
+    samples = [s for s in iter_split("test", 40, seed=0, image_size=64) if len(s.objects) == 3][:4]
+    for name in ("prefix-vlm", "mmca"):
+        a = load_model(name, weights="demo")
+        assert a.max_new_tokens == a.model.cfg.max_len - 1
+        caps = a.caption([s.image for s in samples])
+        assert all(t[-1] == "<eos>" for t in caps["tokens"]), caps["text"]
+        assert max(len(t) for t in caps["text"]) > 32
+
+
+@pytest.mark.parametrize("name", list(registry.models(task="caption")))
+def test_vision_output_can_be_precomputed(name, rgb_images):
+    """`vision.output` is the module the captioner calls with the pixels: recorded once, it stands in
+    for the vision tower (which then does not run) and the text side reads the same."""
+    a = load_model(name, weights="demo")
+    batch = a.preprocess(rgb_images, ["a red circle"] * len(rgb_images))
+    with torch.no_grad(), record_outputs(a, "vision.output") as outs:
+        want = a.forward(batch)
+        caps = a.caption(rgb_images, max_new_tokens=8)
+    (spec,) = [s for s in a.hook_specs() if s.name == "vision.blocks.0.resid_post"]
+    ran = []
+    handle = a.module(spec.module).register_forward_hook(lambda *_: ran.append(1))
+    try:
+        with torch.no_grad(), intervene(a, [Precomputed("vision.output", outs[0])]):
+            got = a.forward(batch)
+            again = a.caption_pixels(batch["pixel_values"], max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert not ran, "the vision tower ran"
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(again["ids"], caps["ids"])
+
+
+def test_meta_builds_every_model_without_weights():
+    for name, entry in registry.models().items():
+        a = load_model(name, weights="meta")
+        assert a.weights.source == "meta" and a.device.type == "meta" and a.hook_specs(), name
+        if entry.capabilities.published and "caption" in entry.capabilities.tasks:
+            assert sum(p.numel() for p in a.model.parameters()) > 50e6, name  # the published size
+
+
+def test_checkpoint_errors_name_the_folder(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = adapter.save(tmp_path / "ckpt")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("proj.")}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{folder}.*missing 2 \\(proj.bias, proj.weight\\)") as err:
+        load_model(adapter.name, weights=str(folder))
+    assert "\n" not in str(err.value)
+    with pytest.raises(WeightsNotFound, match="no published weights"):
+        load_model("mmca", weights="pretrained")

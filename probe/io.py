@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from probe.types import ProbeError
+
+
+class OutputExistsError(ProbeError, FileExistsError):
+    """An output path that would be overwritten or is not a folder; the message says what to do."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -31,26 +38,46 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a hidden staging folder beside `target`; on success it is renamed to `target`.
 
-    On an exception the staging folder is deleted and `target` is untouched. An existing
-    `target` is replaced only after the new one is complete (`overwrite=False` refuses).
+    On an exception the staging folder is deleted and `target` is untouched. An existing folder is
+    never wiped unless asked: a non-empty `target` is refused (before anything is written) unless
+    `force`, and then replaced only after the new one is complete; an empty folder is fine. A file or
+    a symbolic link at `target` is refused even with `force`.
+
+    Raises:
+        OutputExistsError: `target` is a file or a link, or a non-empty folder and `force` is False.
     """
     target = Path(target)
+    check_output(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists")
     stage = Path(tempfile.mkdtemp(prefix=f".incomplete-{target.name}-", dir=target.parent))
     try:
         yield stage
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        check_output(target, force)  # again: something may have appeared meanwhile
+        if force and target.exists():
+            old = target.with_name(f".old-{target.name}-{secrets.token_hex(4)}")
             os.replace(target, old)
-            os.replace(stage, target)
+            try:
+                os.replace(stage, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(stage, target)
+            os.replace(stage, target)  # over an empty folder at most: rename refuses a non-empty one
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def check_output(target: str | Path, force: bool = False) -> None:
+    """Refuse an output folder that `atomic_dir` would refuse (call it before long work)."""
+    target = Path(target)
+    if target.is_symlink():
+        raise OutputExistsError(f"{target} is a symbolic link; give the real folder or choose another one")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target} is a file, not a folder; choose another output folder")
+    if not force and target.is_dir() and any(target.iterdir()):
+        raise OutputExistsError(f"{target} already exists and is not empty; pass --force to replace it")

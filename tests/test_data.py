@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probe.data import ImageLoadError, load_cifar10, load_image_folder, load_images, open_rgb
+from probe.data.images import ImageLoadError, load_cifar10, load_image_folder, load_images, open_rgb
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1", "LA"])

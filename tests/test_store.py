@@ -11,7 +11,7 @@ import torch
 
 from probe.runs import store as store_mod
 from probe.runs.results import AttentionResult
-from probe.runs.store import RunStore
+from probe.runs.store import BrokenRunError, RunStore
 
 
 def make_result(b: int = 2) -> AttentionResult:
@@ -35,7 +35,7 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert back.result.arrays[k].dtype == v.dtype and torch.equal(back.result.arrays[k], v)
     assert back.manifest["seed"] == 3 and "torch" in back.manifest["environment"]
     assert [f.name for f in back.figures] == ["map.png"]
-    assert [r.id for r in s.list()] == [run.id]
+    assert [(r.id, r.status, r.problem) for r in s.list()] == [(run.id, "ok", "")]
 
 
 def test_crash_while_saving_leaves_nothing(tmp_path, monkeypatch):
@@ -57,12 +57,13 @@ def test_killed_save_is_invisible_and_cleanable(tmp_path):
     half = tmp_path / ".incomplete-x-123"
     half.mkdir()
     (half / "result.json").write_text("{")
-    nomanifest = tmp_path / "20260101-000000-attention-m-abc"
+    nomanifest = tmp_path / "20260101-000000-attention-m-abc"  # not made by a save: listed as broken
     nomanifest.mkdir()
-    assert s.list() == []
-    with pytest.raises(KeyError, match="no run"):
+    assert [(r.id, r.status, r.problem) for r in s.list()] == [(nomanifest.name, "broken", "manifest.json is missing")]
+    with pytest.raises(BrokenRunError, match="manifest.json is missing"):
         s.load(nomanifest.name)
-    assert s.clean_incomplete() == 1
+    assert half.exists()  # a young staging folder may be a save in progress: listing keeps it
+    assert s.clean_incomplete() == 1 and not half.exists()
 
 
 def test_delete_and_unknown(tmp_path):

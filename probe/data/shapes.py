@@ -197,14 +197,16 @@ def rle_decode(runs: list[int], shape: tuple[int, int]) -> np.ndarray:
 
 
 def write_dataset(out: str | Path, n: int, *, seed: int = 0, image_size: int = 64,
-                  splits: dict[str, int] | None = None, progress: bool = True) -> Path:
+                  splits: dict[str, int] | None = None, progress: bool = True, force: bool = False) -> Path:
     """Write ``images/{split}_{index:06d}.png`` and ``annotations.jsonl`` atomically.
 
-    `splits` maps split -> count; by default `n` train, n // 8 val and n // 8 test images.
+    `splits` maps split -> count; by default `n` train, n // 8 val and n // 8 test images. A
+    non-empty `out` is refused (`probe.io.OutputExistsError`) unless `force`, which replaces it
+    once the new data set is complete.
     """
     counts = splits or {"train": n, "val": max(1, n // 8), "test": max(1, n // 8)}
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "annotations.jsonl", "w") as f:
             f.write(json.dumps({"dataset": "probe-shapes", "seed": seed, "image_size": image_size,

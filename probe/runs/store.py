@@ -10,30 +10,43 @@ Layout of a run folder::
 
 A run is staged in a hidden ``.incomplete-*`` folder and renamed into place only when every
 file is written, so a crash never leaves a half-written run in the listing.
+
+Run ids are plain folder names (``[A-Za-z0-9._-]+``, not starting with ``.``) checked by the store
+itself, so no caller can reach outside the root. One bad run folder never breaks the store: it is
+listed as broken with its problem, `load` names the problem, and `delete` still removes it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
 import secrets
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe.io import atomic_dir
+from probe.io import OutputExistsError, atomic_dir
 from probe.runs.results import Result, result_from_dict
+from probe.types import ProbeError
 
 DEFAULT_STORE_ENV = "PROBE_STORE"
 MANIFEST_VERSION = 1
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+STAGING_PREFIXES = (".incomplete-", ".deleting-", ".old-")
+STALE_AFTER_S = 24 * 3600  # staging folders younger than this may belong to a save in progress
+
+logger = logging.getLogger(__name__)
 
 
 def default_store_root() -> Path:
@@ -41,24 +54,47 @@ def default_store_root() -> Path:
     return Path(os.environ.get(DEFAULT_STORE_ENV, "probe-runs"))
 
 
+class RunIdError(ProbeError, ValueError):
+    """A run id that is not a plain folder name inside the store."""
+
+
+class UnknownRunError(ProbeError, KeyError):
+    """No run with that id in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BrokenRunError(ProbeError, ValueError):
+    """A run folder that cannot be read; the message names the problem."""
+
+
 @dataclass(frozen=True)
 class Run:
-    """A saved run: its id, folder, manifest, result and figure files."""
+    """A saved run: its id, folder, manifest, result and figure files.
+
+    `status` is ``ok`` or ``broken``; `problem` says what is wrong with a broken run, whose
+    `manifest` is {} unless it was readable and fits the schema.
+    """
 
     id: str
     path: Path
     manifest: dict[str, Any]
     result: Result | None
     figures: list[Path]
+    status: Literal["ok", "broken"] = "ok"
+    problem: str = ""
 
 
 def environment_info() -> dict[str, Any]:
-    import transformers
+    import transformers  # heavy: only when a run is saved
 
-    import probe
-
+    try:
+        version = importlib.metadata.version("vlm-probe")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
     return {
-        "probe": probe.__version__,
+        "probe": version,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -89,11 +125,14 @@ class RunStore:
         run_id = run_id or self.new_id(manifest.get("analysis", "run"), manifest.get("model", {}).get("name", "model"))
         manifest = {"manifest_version": MANIFEST_VERSION, "id": run_id, **manifest}
         manifest.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
-        manifest.setdefault("environment", environment_info())
-        target = self.root / run_id
-        if target.exists():
-            raise FileExistsError(f"run {run_id} already exists in {self.root}")
-        with atomic_dir(target, overwrite=False) as tmp:
+        if "environment" not in manifest:
+            manifest["environment"] = environment_info()
+        if problem := _manifest_problem(manifest):
+            raise ValueError(f"cannot save run {run_id}: {problem}")
+        target = self.root / _check_id(run_id)
+        if target.exists() or target.is_symlink():
+            raise OutputExistsError(f"run {run_id} already exists in {self.root}; choose another run id")
+        with atomic_dir(target) as tmp:
             arrays = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
             save_file(arrays, str(tmp / "arrays.safetensors"))
             (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
@@ -110,45 +149,141 @@ class RunStore:
         return self.load(run_id)
 
     def list(self) -> list[Run]:
-        """Complete runs, newest first (result not loaded: `result` is None)."""
+        """Every run folder, newest first, broken ones last; the result is not loaded (None).
+
+        Never raises for one bad run: it is listed with ``status="broken"`` and its `problem`.
+        Staging folders left by crashed saves and deletes more than a day ago are removed.
+        """
         if not self.root.is_dir():
             return []
+        n = self.clean_incomplete(older_than=STALE_AFTER_S)
+        if n:
+            logger.info("removed %d stale staging folder%s from %s", n, "" if n == 1 else "s", self.root)
         runs = []
         for p in self.root.iterdir():
-            if p.name.startswith(".") or not (p / "manifest.json").is_file():
+            if p.name.startswith(".") or not (p.is_dir() or p.is_symlink()):
                 continue
-            try:
-                manifest = json.loads((p / "manifest.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            runs.append(Run(p.name, p, manifest, None, sorted((p / "figures").glob("*.png"))))
-        return sorted(runs, key=lambda r: (r.manifest.get("created", ""), r.id), reverse=True)
+            manifest, problem = self._inspect(p)
+            runs.append(Run(p.name, p, manifest, None, _figures(p), "broken" if problem else "ok", problem))
+        return sorted(runs, key=lambda r: (r.status == "ok", r.manifest.get("created", ""), r.id), reverse=True)
 
     def load(self, run_id: str) -> Run:
-        p = self.root / run_id
-        if run_id.startswith(".") or not (p / "manifest.json").is_file():
-            known = ", ".join(r.id for r in self.list()[:5]) or "none"
-            raise KeyError(f"no run {run_id!r} in {self.root} (recent runs: {known})")
-        manifest = json.loads((p / "manifest.json").read_text())
-        arrays = load_file(str(p / "arrays.safetensors"))
-        result = result_from_dict(json.loads((p / "result.json").read_text()), arrays)
-        return Run(run_id, p, manifest, result, sorted((p / "figures").glob("*.png")))
+        """One run with its result and arrays.
+
+        Raises:
+            RunIdError: `run_id` is not a plain name inside the store.
+            UnknownRunError: no such run (a KeyError).
+            BrokenRunError: the run cannot be read; the message says why.
+        """
+        p = self._path(run_id)
+        manifest, problem = self._inspect(p)
+        if not problem:
+            try:
+                arrays = load_file(str(p / "arrays.safetensors"))
+            except Exception as e:  # safetensors raises its own error type for corrupt files
+                problem = f"arrays.safetensors cannot be read ({_one_line(e)})"
+        if not problem:
+            try:
+                result = result_from_dict(json.loads((p / "result.json").read_text()), arrays)
+            except Exception as e:  # whatever the file holds, a result that cannot be rebuilt is broken
+                problem = f"result.json cannot be read ({_one_line(e)})"
+        if problem:
+            raise BrokenRunError(f"run {run_id} in {self.root} is broken: {problem}; "
+                                 f"delete it with `probe runs --delete {run_id}`")
+        return Run(run_id, p, manifest, result, _figures(p))
 
     def delete(self, run_id: str) -> None:
-        self.load(run_id)  # raises a clear error for an unknown id
-        p = self.root / run_id
-        trash = self.root / f".deleting-{run_id}"
-        os.replace(p, trash)  # atomic disappearance from the listing
-        shutil.rmtree(trash)
+        """Remove a run folder, broken or not. A symlinked run loses the link only, never its target."""
+        p = self._path(run_id)
+        trash = self.root / f".deleting-{run_id}-{secrets.token_hex(3)}"
+        os.replace(p, trash)  # atomic disappearance from the listing; moves a link, not its target
+        if trash.is_symlink():
+            trash.unlink()
+        else:
+            shutil.rmtree(trash)  # does not follow links inside the folder
 
-    def clean_incomplete(self) -> int:
-        """Remove staging folders left by crashed saves; returns how many."""
+    def clean_incomplete(self, older_than: float = 0.0) -> int:
+        """Remove staging folders (``.incomplete-*``, ``.deleting-*``, ``.old-*``) left by crashed saves
+        and deletes, last modified more than `older_than` seconds ago; returns how many."""
         n = 0
+        now = time.time()
         for p in self.root.glob(".*"):
-            if p.is_dir() and p.name.startswith((".incomplete-", ".deleting-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
-                n += 1
+            if not p.name.startswith(STAGING_PREFIXES):
+                continue
+            try:
+                if now - p.lstat().st_mtime < older_than:
+                    continue  # may be a save in progress
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            except OSError as e:
+                logger.debug("cannot remove %s: %s", p, e)
+                continue
+            n += 1
         return n
+
+    def _path(self, run_id: str) -> Path:
+        """The folder of an existing run; refuses ids that are not plain names in the store."""
+        p = self.root / _check_id(run_id)
+        if not (p.is_dir() or p.is_symlink()):
+            known = ", ".join(r.id for r in self.list()[:5]) or "none"
+            raise UnknownRunError(f"no run {run_id!r} in {self.root} (recent runs: {known})")
+        return p
+
+    def _inspect(self, p: Path) -> tuple[dict[str, Any], str]:
+        """(manifest, problem) of a run folder: problem is "" for a run that looks complete; the
+        manifest is {} unless it was read and fits the schema."""
+        if p.is_symlink():
+            return {}, f"is a symbolic link to {os.readlink(p)} (runs are real folders in the store)"
+        if not RUN_ID_RE.fullmatch(p.name):  # a folder someone named by hand
+            return {}, "folder name is not a run id (letters, digits, '.', '_' and '-'); rename or remove it"
+        manifest: Any = {}
+        for name in ("manifest.json", "result.json", "arrays.safetensors"):
+            f = p / name
+            if f.is_symlink() or not f.is_file():
+                return manifest, f"{name} is {'a symbolic link' if f.is_symlink() else 'missing'}"
+            if name == "manifest.json":
+                try:
+                    manifest = json.loads(f.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return {}, f"manifest.json is not valid JSON ({_one_line(e)})"
+                if problem := _manifest_problem(manifest):
+                    return {}, problem
+        return manifest, ""
+
+
+def _check_id(run_id: str) -> str:
+    """`run_id` if it is a plain folder name (so it stays inside the store), else `RunIdError`."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or run_id.startswith("."):
+        raise RunIdError(f"{run_id!r} is not a run id: use letters, digits, '.', '_' and '-' only, "
+                         "not starting with '.' (`probe runs` lists the ids)")
+    return run_id
+
+
+def _manifest_problem(m: Any) -> str:
+    """What is wrong with a manifest's shape, or "" when it fits the schema."""
+    if not isinstance(m, dict):
+        return f"manifest.json holds a {type(m).__name__}, not an object"
+    for key in ("id", "analysis", "created"):
+        if not isinstance(m.get(key), str):
+            return f"manifest.json has no string {key!r}"
+    if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("name"), str):
+        return "manifest.json has no 'model' object with a string 'name'"
+    return ""
+
+
+def _figures(p: Path) -> list[Path]:
+    """PNG files of a run's figures/ folder; links, and files that resolve outside the run, are left out."""
+    if p.is_symlink():
+        return []
+    root = p.resolve()
+    return sorted(f for f in (p / "figures").glob("*.png")
+                  if not f.is_symlink() and f.is_file() and f.resolve().is_relative_to(root))
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _safe(name: str) -> str:

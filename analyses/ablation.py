@@ -23,41 +23,40 @@ forwards; `loop=True` runs one forward per variant (the reference the batched pa
 Metrics per variant and image: the teacher-forced log-probability of the reference caption (the
 unablated greedy caption, end token included; mean per token) and its drop from ``none``; the
 greedy caption under the ablation; which reference token positions changed; and, with ground
-truth, the caption accuracy (`probe.zoo.caption_metrics`).
+truth, the caption accuracy (`probe.data.metrics.caption_metrics`).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm.auto import tqdm
 
-from probe.adapter import ModelAdapter
-from probe.capture import Intervention, MaskTokens, ZeroHeads, intervene
+from probe.analysis import Analysis, ParamError, param
+from probe.capture import (
+    Intervention,
+    MaskTokens,
+    Precomputed,
+    ZeroHeads,
+    capture,
+    intervene,
+    record_outputs,
+    select_batch,
+)
+from probe.data import ImageSet
+from probe.data.metrics import caption_metrics, named_objects
+from probe.registry import register_analysis
 from probe.runs.results import AblationResult
+from probe.types import VISION_OUTPUT, select
+from probe.viz.figures import grid, text_figure
 
-NAME = "ablation"
-SUMMARY = "remove image tokens, regions, layers or heads: log-prob drop of the caption, captions, accuracy"
-DEFAULT_MODEL = "blip"
 KINDS = ("blind", "region", "layers", "heads", "all")
-
-
-def check(adapter_capabilities: Any) -> str | None:
-    if "caption" not in adapter_capabilities.tasks:
-        return f"ablation needs a captioner; {adapter_capabilities.family} does not caption"
-    return None
 
 
 @dataclass(frozen=True)
@@ -93,24 +92,23 @@ def patches_under(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return out.ravel()
 
 
-def _token_mask(patches: np.ndarray | torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Patch-level bool (..., patches) -> token-level (..., n_tokens) over [CLS, patches]."""
+def _token_mask(patches: np.ndarray | torch.Tensor, n_tokens: int, span: tuple[int, int]) -> torch.Tensor:
+    """Patch-level bool (..., patches) -> token-level (..., n_tokens) over the image tokens, the
+    patches at `span` (the ``image`` span of the adapter's metadata)."""
     p = torch.as_tensor(patches, dtype=torch.bool)
     out = torch.zeros(*p.shape[:-1], n_tokens, dtype=torch.bool)
-    out[..., 1 : 1 + p.shape[-1]] = p
+    out[..., span[0] : span[1]] = p
     return out
 
 
+def _patch_span(adapter: Any) -> tuple[int, int]:
+    return adapter.input_meta({}).spans["image"]
+
+
 # ----------------------------------------------------------------------------- model plumbing
-def _specials(adapter: Any) -> tuple[int, int]:
-    if hasattr(adapter, "specials"):
-        return adapter.specials.start, adapter.specials.pad
-    return adapter.tokenizer.bos_id, adapter.tokenizer.pad_id
-
-
 def _reference_ids(adapter: Any, new: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """[start] + generated tokens up to and including the end token, right-padded: ids, mask (b, T)."""
-    start, pad = _specials(adapter)
+    start, pad = adapter.specials.start, adapter.specials.pad
     t = 1 + max(lengths)
     ids = torch.full((len(lengths), t), pad, dtype=torch.long)
     mask = torch.zeros((len(lengths), t), dtype=torch.long)
@@ -122,24 +120,19 @@ def _reference_ids(adapter: Any, new: torch.Tensor, lengths: Sequence[int]) -> t
 
 
 def _text_batch(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    # the padding mask is read by the transformers captioners; ours decode causally and ignore it
     return {"pixel_values": px, "input_ids": ids.to(adapter.device), "attention_mask": mask.to(adapter.device)}
 
 
 def _flow_layers(adapter: Any) -> list[int]:
-    names = {s.name for s in adapter.hook_specs()}
-    out, i = [], 0
-    while adapter.flow_hook.format(i=i) in names:
-        out.append(i)
-        i += 1
-    return out
+    """Text layers whose flow pattern (the one that reads the image tokens) exists."""
+    return sorted(s.layer for s in select(adapter.hook_specs(), adapter.flow_hook.format(i="*")))
 
 
 def _head_hook(adapter: Any, layer: int) -> tuple[str, str]:
     """The per-head hook a head ablation zeroes, and its scope."""
     names = {s.name for s in adapter.hook_specs()}
     xz = f"text.blocks.{layer}.xattn.z"
-    if ".xattn." in adapter.flow_hook and xz in names:
+    if not adapter.capabilities.joint_attention and xz in names:
         return xz, "cross-attention"
     return f"text.blocks.{layer}.attn.z", "whole head (text and image)"
 
@@ -177,54 +170,42 @@ def interventions_for(adapter: Any, rows: Sequence[tuple[Variant, int]]) -> list
     return ivs
 
 
-def _gather(out: Any, idx: torch.Tensor, n: int) -> Any:
-    """Rows `idx` of every batch-first tensor (batch `n`) in a module output."""
-    if isinstance(out, torch.Tensor):
-        return out[idx.to(out.device)] if out.dim() and out.shape[0] == n else out
-    if isinstance(out, tuple) and not hasattr(out, "keys"):
-        return type(out)(_gather(v, idx, n) for v in out)
-    if hasattr(out, "keys"):  # transformers ModelOutput / dict
-        return type(out)(**{k: _gather(out[k], idx, n) for k in out.keys()})
-    return out
-
-
 @contextmanager
-def vision_once(adapter: Any, px: torch.Tensor, rows_image: torch.Tensor) -> Iterator[None]:
-    """Run the vision tower once on the `n` distinct images `px`, then, while the block runs, let
-    it return those outputs gathered by `rows_image` (the image of each row) instead of running
-    again: ablations change only what the text reads, never the vision tower, so each image's
-    features are computed once however many variants read them."""
-    paths = adapter.param_groups().get("vision", [])
-    if len(paths) != 1:
-        yield
-        return
-    module = adapter.module(paths[0])
-    method = "features" if hasattr(module, "features") else "forward"  # our ViT: the captioner calls features()
-    real = getattr(module, method)
-    with torch.no_grad():
-        cached = real(pixel_values=px) if method == "forward" else real(px)
-    n = px.shape[0]
+def vision_once(adapter: Any, vision_out: Any, rows_image: torch.Tensor) -> Iterator[None]:
+    """While the block runs, the vision tower (hook ``vision.output``) does not run again: a batch
+    whose rows are images `rows_image` gets those rows of `vision_out`, the tower's output on the
+    distinct images. Ablations change only what the text reads, never the vision tower, so each
+    image's features are computed once however many variants read them."""
+    n = _batch_of(vision_out)
 
-    def replay(*args: Any, **kwargs: Any) -> Any:
-        x = kwargs.get("pixel_values", args[0] if args else None)
-        if x is None or x.shape[0] != len(rows_image):
-            return real(*args, **kwargs)
-        return _gather(cached, rows_image, n)
+    def rows(*args: Any, **kwargs: Any) -> Any:
+        return select_batch(vision_out, rows_image, n)
 
-    setattr(module, method, replay)
-    try:
+    with intervene(adapter, [Precomputed(VISION_OUTPUT, rows)]):
         yield
-    finally:
-        delattr(module, method)  # back to the class's method
+
+
+def _batch_of(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.shape[0]
+    return _batch_of(value[0] if not hasattr(value, "keys") else next(iter(value.values())))
+
+
+def vision_outputs(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The vision tower's output on `px` (one teacher-forced forward, recorded at ``vision.output``)."""
+    with torch.no_grad(), record_outputs(adapter, VISION_OUTPUT) as calls:
+        adapter.forward(_text_batch(adapter, px, ids, mask))
+    return calls[0]
 
 
 @torch.no_grad()
 def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.Tensor, ids: torch.Tensor,
-                   mask: torch.Tensor, max_new_tokens: int, generate: bool) -> tuple[torch.Tensor, list[str], list[list[str]]]:
+                   mask: torch.Tensor, vision: Any, max_new_tokens: int | None,
+                   generate: bool) -> tuple[torch.Tensor, list[str], list[list[str]]]:
     """Mean log-prob of the reference caption per row, and (if `generate`) captions under each row's variant."""
     idx = torch.tensor([i for _, i in rows])
     rpx, rids, rmask = px[idx], ids[idx], mask[idx]
-    with vision_once(adapter, px, idx), intervene(adapter, interventions_for(adapter, rows)):
+    with vision_once(adapter, vision, idx), intervene(adapter, interventions_for(adapter, rows)):
         logits = adapter.forward(_text_batch(adapter, rpx, rids, rmask)).float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rids[:, 1:, None].to(logits.device))[..., 0]
         m = rmask[:, 1:].to(logp.device).float()
@@ -232,24 +213,17 @@ def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.
         texts: list[str] = []
         toks: list[list[str]] = []
         if generate:
-            caps = _caption_pixels(adapter, rpx, max_new_tokens)
+            caps = adapter.caption_pixels(rpx, max_new_tokens)
             texts, toks = caps["text"], caps["tokens"]
     return mean, texts, toks
 
 
-def _caption_pixels(adapter: Any, px: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy captions from preprocessed pixels (the same decoding as `adapter.caption`)."""
-    return adapter.caption_pixels(px, max_new_tokens)
-
-
 def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(images, patches): mean over layers, heads and caption tokens of the flow pattern's patch weights."""
-    from probe.capture import capture
-
     hook = adapter.flow_hook
-    with capture(adapter, hook.format(i="*"), reduce="mean") as cache:
+    with torch.no_grad(), capture(adapter, hook.format(i="*"), reduce="mean") as cache:
         adapter.forward(_text_batch(adapter, px, ids, mask))
-    lo, hi = 1, adapter.n_image_tokens
+    lo, hi = _patch_span(adapter)
     t0 = adapter.text_offset()
     m = mask.float()
     per_layer = []
@@ -261,24 +235,25 @@ def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: t
 
 
 # ----------------------------------------------------------------------------- run
-def build_variants(adapter: Any, kind: str, n_images: int, *, k: int, attended: torch.Tensor | None,
-                   objects: Sequence[np.ndarray] | None, seed: int = 0) -> list[Variant]:
-    """The variants of `kind` (``blind|region|layers|heads|all``), ``none`` first."""
+def build_variants(adapter: Any, kind: str, n_images: int, *, k: int, span: tuple[int, int],
+                   attended: torch.Tensor | None, objects: Sequence[np.ndarray] | None, seed: int = 0) -> list[Variant]:
+    """The variants of `kind` (``blind|region|layers|heads|all``), ``none`` first. `span`: the
+    patches' positions among the image tokens; `k` patches per top-k / random-k region."""
     if kind not in KINDS:
         raise ValueError(f"unknown ablation kind {kind!r}; use one of {', '.join(KINDS)}")
     n_tok = adapter.n_image_tokens
-    n_patch = n_tok - 1
+    n_patch = span[1] - span[0]
     g = torch.Generator().manual_seed(seed)
     out = [Variant("none", "none")]
     if kind in ("blind", "all"):
         out.append(Variant("blind", "blind", torch.ones(n_images, n_tok, dtype=torch.bool)))
     if kind in ("region", "all"):
-        k = max(1, min(k, n_patch))
         if attended is not None:
             top = torch.zeros(n_images, n_patch, dtype=torch.bool)
             top.scatter_(1, attended.topk(k, dim=1).indices, True)
-            out.append(Variant(f"top-{k}", "region", _token_mask(top, n_tok)))
-        out.append(Variant(f"random-{k}", "region", _token_mask(_random_patches(n_images, n_patch, [k] * n_images, g), n_tok)))
+            out.append(Variant(f"top-{k}", "region", _token_mask(top, n_tok, span)))
+        rand = _random_patches(n_images, n_patch, [k] * n_images, g)
+        out.append(Variant(f"random-{k}", "region", _token_mask(rand, n_tok, span)))
         if objects is not None:
             for j in range(max(len(o) for o in objects)):
                 under = np.zeros((n_images, n_patch), dtype=bool)
@@ -286,9 +261,9 @@ def build_variants(adapter: Any, kind: str, n_images: int, *, k: int, attended: 
                     if j < len(masks):
                         under[i] = patches_under(masks[j], adapter.grid)
                 counts = under.sum(1).tolist()
-                out.append(Variant(f"object:{j}", "object", _token_mask(under, n_tok)))
+                out.append(Variant(f"object:{j}", "object", _token_mask(under, n_tok, span)))
                 out.append(Variant(f"object-random:{j}", "object-random",
-                                   _token_mask(_random_patches(n_images, n_patch, counts, g), n_tok)))
+                                   _token_mask(_random_patches(n_images, n_patch, counts, g), n_tok, span)))
     layers = _flow_layers(adapter)
     if kind in ("layers", "all"):
         out += [Variant(f"layer:{i}", "layer", layer=i) for i in layers]
@@ -306,76 +281,76 @@ def _random_patches(n_images: int, n_patch: int, counts: Sequence[int], g: torch
     return out
 
 
-def run(
-    adapter: ModelAdapter,
-    images: Sequence[Image.Image],
-    names: Sequence[str] | None = None,
-    *,
-    kind: str = "all",
-    k: int | None = None,
-    objects: Sequence[np.ndarray] | None = None,
-    truth: Sequence[Any] | None = None,
-    max_new_tokens: int = 20,
-    batch_size: int = 64,
-    generate: bool = True,
-    loop: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-) -> AblationResult:
-    """Run the ablation suite on `images`.
+@register_analysis
+class Ablation(Analysis):
+    """Caption the images, then re-score that caption and re-caption under each ablation."""
 
-    Args:
-        objects: per image, bool masks (objects, H, W) of its objects (probe-shapes) for the
-            ``object:j`` variants. truth: per image, a `probe.data.shapes.ShapesSample` for accuracy.
-        k: patches per top-k / random-k region (default 1/8 of the patches).
-        batch_size: rows (variant x image) per batched forward. loop: one forward per variant.
-        generate: also generate the caption under each variant (the slow part).
+    name = "ablation"
+    summary = "remove image tokens, regions, layers or heads: log-prob drop of the caption, captions, accuracy"
+    task = "caption"
+    default_images = "shapes"
 
-    Returns:
-        `AblationResult`; arrays ``ablation.logprob`` (variants, images) mean log-prob per token of
+    @dataclass(frozen=True)
+    class Params:
+        kind: str = param("all", "which ablations", choices=KINDS)
+        k: int | None = param(None, "patches per top-k / random region (default 1/8 of the patches)", min=1)
+        max_new_tokens: int | None = param(None, "caption tokens to generate (default: the model's)", min=1)
+        batch_size: int = param(64, "variant x image rows per forward", min=1)
+        generate: bool = param(True, "also caption under each variant (--no-generate: log-probs only)")
+        loop: bool = param(False, "one forward per variant (the reference the batched path equals)")
+        baseline_seed: int = param(0, "seed of the random-patch baselines", min=0)
+
+    def run(self, adapter: Any, inputs: ImageSet, params: Params) -> AblationResult:
+        """`AblationResult`; arrays ``ablation.logprob`` (variants, images) mean log-prob per token of
         the reference caption, ``ablation.drop`` = logprob[none] - logprob, ``ablation.heads``
-        (layers, heads) image-mean drop of each head (NaN without a head sweep).
-    """
-    why = check(adapter.capabilities)
-    if why:
-        raise ValueError(why)
-    names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
-    if len(names) != len(images):
-        raise ValueError(f"{len(images)} images but {len(names)} names")
-    for arg, what in ((objects, "objects"), (truth, "truth")):
-        if arg is not None and len(arg) != len(images):
-            raise ValueError(f"{what}: give one entry per image ({len(images)} images, {len(arg)} given)")
-    n = len(images)
-    px, ref, ids, mask = reference(adapter, images, max_new_tokens)
-    attended = _attended_patches(adapter, px, ids, mask) if kind in ("region", "all") else None
-    n_patch = adapter.n_image_tokens - 1
-    variants = build_variants(adapter, kind, n, k=k or max(1, n_patch // 8), attended=attended, objects=objects,
-                              seed=seed)
-    logprob, texts, tokens = evaluate_variants(adapter, variants, px, ids, mask, loop=loop, batch_size=batch_size,
-                                               generate=generate, max_new_tokens=max_new_tokens, progress=progress)
-    drop = logprob[0:1] - logprob
-    changed = [[_changed(ref["tokens"][i], tokens[j][i]) if generate else [] for i in range(n)]
-               for j in range(len(variants))]
-    layers = _flow_layers(adapter)
-    heads = torch.full((len(layers), max((_n_heads(adapter, _head_hook(adapter, i)[0]) for i in layers), default=0)),
-                       float("nan"))
-    for j, v in enumerate(variants):
-        if v.head is not None:
-            heads[layers.index(v.head[0]), v.head[1]] = drop[j].mean()
-    accuracy = None
-    if truth is not None and generate:
-        from probe.zoo import caption_metrics
+        (layers, heads) image-mean drop of each head (NaN without a head sweep). With probe-shapes
+        inputs (masks and samples) it adds the ``object:j`` variants and the caption accuracy."""
+        n = len(inputs)
+        objects, truth = inputs.masks, inputs.samples
+        px, ref, ids, mask = reference(adapter, inputs.images, params.max_new_tokens)
+        span = adapter.input_meta({"pixel_values": px}).spans["image"]
+        n_patch = span[1] - span[0]
+        k = params.k if params.k is not None else max(1, n_patch // 8)
+        if k > n_patch:
+            raise ParamError(f"--k {k}: {adapter.name} has {n_patch} patches; use 1..{n_patch}")
+        attended = _attended_patches(adapter, px, ids, mask) if params.kind in ("region", "all") else None
+        variants = build_variants(adapter, params.kind, n, k=k, span=span, attended=attended, objects=objects,
+                                  seed=params.baseline_seed)
+        logprob, texts, tokens = evaluate_variants(
+            adapter, variants, px, ids, mask, loop=params.loop, batch_size=params.batch_size,
+            generate=params.generate, max_new_tokens=params.max_new_tokens, progress=True)
+        drop = logprob[0:1] - logprob
+        gen = params.generate
+        changed = [[_changed(ref["tokens"][i], tokens[j][i]) if gen else [] for i in range(n)]
+                   for j in range(len(variants))]
+        layers = _flow_layers(adapter)
+        n_heads = max((_n_heads(adapter, _head_hook(adapter, i)[0]) for i in layers), default=0)
+        heads = torch.full((len(layers), n_heads), float("nan"))
+        for j, v in enumerate(variants):
+            if v.head is not None:
+                heads[layers.index(v.head[0]), v.head[1]] = drop[j].mean()
+        accuracy = ({v.name: caption_metrics(texts[j], truth) for j, v in enumerate(variants)}
+                    if truth is not None and gen else None)
+        return AblationResult(
+            arrays={"ablation.logprob": logprob, "ablation.drop": drop, "ablation.heads": heads},
+            model=adapter.name, image_names=inputs.names, variants=[v.describe() for v in variants],
+            reference=ref["text"], reference_tokens=ref["tokens"], captions=texts, changed=changed,
+            accuracy=accuracy, object_words=_object_words(variants, texts, truth) if truth is not None and gen else None,
+            layers=layers, head_scope=_head_hook(adapter, layers[0])[1] if layers else "",
+            fusion=adapter.capabilities.fusion, truth=[t.caption for t in truth] if truth is not None else None,
+            batched=not params.loop,
+        )
 
-        accuracy = {v.name: caption_metrics(texts[j], truth) for j, v in enumerate(variants)}
-    object_words = _object_words(variants, texts, truth) if truth is not None and generate else None
-    return AblationResult(
-        arrays={"ablation.logprob": logprob, "ablation.drop": drop, "ablation.heads": heads},
-        model=adapter.name, image_names=names, variants=[v.describe() for v in variants],
-        reference=ref["text"], reference_tokens=ref["tokens"], captions=texts, changed=changed,
-        accuracy=accuracy, object_words=object_words, layers=layers,
-        head_scope=_head_hook(adapter, layers[0])[1] if layers else "", fusion=adapter.capabilities.fusion,
-        truth=[t.caption for t in truth] if truth is not None else None, batched=not loop,
-    )
+    def render(self, result: AblationResult) -> dict[str, Figure]:
+        figs: dict[str, Figure] = {"ablation_drop": render_drop(result)}
+        if not torch.isnan(result.arrays["ablation.heads"]).all():
+            figs["ablation_heads"] = render_heads(result)
+        if any(any(c) for c in result.captions):
+            figs["ablation_captions"] = render_captions(result)
+        return figs
+
+    def summary_lines(self, result: AblationResult) -> list[str]:
+        return summary_lines(result)
 
 
 def evaluate_variants(
@@ -388,13 +363,14 @@ def evaluate_variants(
     loop: bool = False,
     batch_size: int = 64,
     generate: bool = True,
-    max_new_tokens: int = 20,
+    max_new_tokens: int | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[list[str]], list[list[list[str]]]]:
     """Every variant on every image: mean log-prob per token of the reference `ids` (variants,
     images), and with `generate` the greedy caption texts and tokens [variant][image].
 
-    Batched: (variant, image) rows packed `batch_size` at a time. `loop`: one forward per variant.
+    Batched: (variant, image) rows packed `batch_size` at a time, each image's vision features
+    computed once. `loop`: one forward per variant (the reference the batched path must equal).
     """
     n = px.shape[0]
     rows = [(v, i) for v in variants for i in range(n)]
@@ -403,8 +379,9 @@ def evaluate_variants(
     texts: list[list[str]] = [[""] * n for _ in variants]
     tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
     vindex = {id(v): j for j, v in enumerate(variants)}
+    vision = vision_outputs(adapter, px, ids, mask)
     for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
-        mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, max_new_tokens, generate)
+        mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, vision, max_new_tokens, generate)
         for r, (v, i) in enumerate(chunk):
             logprob[vindex[id(v)], i] = mean[r]
             if generate:
@@ -412,11 +389,11 @@ def evaluate_variants(
     return logprob, texts, tokens
 
 
-def reference(adapter: Any, images: Sequence[Image.Image], max_new_tokens: int = 20
+def reference(adapter: Any, images: Sequence[Any], max_new_tokens: int | None = None
               ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]:
     """Pixels, the unablated greedy captions, and their ids and mask ([start] + tokens + end)."""
     px = adapter.preprocess(list(images))["pixel_values"]
-    ref = _caption_pixels(adapter, px, max_new_tokens)
+    ref = adapter.caption_pixels(px, max_new_tokens)
     ids, mask = _reference_ids(adapter, ref["ids"], [max(1, len(t)) for t in ref["tokens"]])
     return px, ref, ids, mask
 
@@ -438,10 +415,6 @@ def _changed(ref: list[str], new: list[str]) -> list[int]:
 def _object_words(variants: Sequence[Variant], texts: list[list[str]], truth: Sequence[Any]) -> dict[str, float]:
     """Per object / random variant: the fraction of (image, object j) where the reference named
     object j's colour and shape and the ablated caption no longer does."""
-    from collections import Counter
-
-    from probe.zoo import _PAIR, normalise
-
     base = texts[0]
     out: dict[str, float] = {}
     for j, v in enumerate(variants):
@@ -453,28 +426,20 @@ def _object_words(variants: Sequence[Variant], texts: list[list[str]], truth: Se
             if obj >= len(s.objects):
                 continue
             pair = (s.objects[obj].colour, s.objects[obj].shape)
-            before = Counter(_PAIR.findall(normalise(base[i])))[pair]
+            before = named_objects(base[i])[pair]
             if before == 0:
                 continue
             total += 1
-            lost += Counter(_PAIR.findall(normalise(texts[j][i])))[pair] < before
+            lost += named_objects(texts[j][i])[pair] < before
         out[v.name] = lost / total if total else float("nan")
     return out
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(result: AblationResult) -> dict[str, Figure]:
-    figs: dict[str, Figure] = {"ablation_drop": render_drop(result)}
-    if not torch.isnan(result.arrays["ablation.heads"]).all():
-        figs["ablation_heads"] = render_heads(result)
-    if any(any(c) for c in result.captions):
-        figs["ablation_captions"] = render_captions(result)
-    return figs
-
-
 def render_heads(result: AblationResult) -> Figure:
     h = result.arrays["ablation.heads"].numpy()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * h.shape[1], 1.0 + 0.4 * h.shape[0]))
+    fig, axes = grid(1, 1, (1.2 + 0.45 * h.shape[1], 1.0 + 0.4 * h.shape[0]))
+    ax = axes[0][0]
     im = ax.imshow(h, cmap="magma", aspect="auto")
     ax.set_xlabel("head")
     ax.set_ylabel("text layer")
@@ -487,7 +452,8 @@ def render_heads(result: AblationResult) -> Figure:
 def render_drop(result: AblationResult) -> Figure:
     drop = result.arrays["ablation.drop"].mean(1).numpy()
     keep = [j for j, v in enumerate(result.variants) if v["kind"] != "head"]
-    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.28 * len(keep)))
+    fig, axes = grid(1, 1, (6, 0.6 + 0.28 * len(keep)))
+    ax = axes[0][0]
     ax.barh([result.variants[j]["name"] for j in keep], drop[keep], color="tab:purple")
     ax.invert_yaxis()
     ax.set_xlabel("mean log-prob drop of the reference caption (nats / token)")
@@ -503,34 +469,7 @@ def render_captions(result: AblationResult, max_images: int = 4) -> Figure:
         lines.append(f"{result.image_names[i]}")
         for j in keep:
             lines.append(f"    {result.variants[j]['name']:>18}: {result.captions[j][i]}")
-    fig = plt.figure(figsize=(9, 0.25 * len(lines) + 0.4))
-    fig.text(0.01, 0.98, "\n".join(lines), va="top", family="monospace", fontsize=8)
-    return fig
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=KINDS, default="all")
-    parser.add_argument("--k", type=int, default=None, help="patches per top-k / random region (default 1/8)")
-    parser.add_argument("--shapes", type=int, default=16,
-                        help="without --images: this many probe-shapes test images, with ground truth")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64, help="variant x image rows per forward")
-    parser.add_argument("--no-generate", action="store_true", help="log-probs only, no captions per variant")
-
-
-def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"kind": args.kind, "k": args.k, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "generate": not args.no_generate, "seed": args.seed}
-
-
-def default_inputs(args: argparse.Namespace, image_size: int = 64) -> tuple[list[Image.Image], list[str], dict[str, Any]]:
-    """Probe-shapes test images with their masks and ground truth (when no --images are given)."""
-    from probe.data.shapes import iter_split
-
-    samples = list(iter_split("test", args.shapes, seed=0, image_size=image_size))
-    return ([s.image for s in samples], [f"shapes_test_{s.index:03d}" for s in samples],
-            {"objects": [s.masks for s in samples], "truth": samples})
+    return text_figure(lines)
 
 
 def summary_lines(result: AblationResult) -> list[str]:

@@ -12,24 +12,52 @@ module ran them.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from probe.adapter import ModelAdapter
-from probe.docs import CAPTIONERS
+from probe.analysis import Analysis, param
+from probe.registry import register_analysis
 from probe.runs.results import CAParamsResult
 from probe.types import PARAM_GROUPS
 
-NAME = "ca-params"
-SUMMARY = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"
-DEFAULT_MODEL = "all"
-NEEDS_IMAGES = False
+
+@register_analysis
+class CAParams(Analysis):
+    """Parameters and forward FLOPs per declared group, for one or several captioners
+    (``--model all``, the default, or ``a,b``); reads no images."""
+
+    name = "ca-params"
+    summary = "parameters and forward FLOPs per group (vision, text self-attention, cross-attention, ...) per family"
+    task = "caption"
+    reads_images = False
+    many_models = True
+
+    @dataclass(frozen=True)
+    class Params:
+        full_size: bool = param(False, "count the published architectures, built on the meta device (no download)")
+        text_tokens: int = param(20, "caption length for the FLOP count", min=1, max=4096)
+
+    def weights_for(self, params: Params, weights: str) -> str:
+        return "meta" if params.full_size else weights
+
+    def run(self, adapters: Sequence[ModelAdapter], inputs: None, params: Params) -> CAParamsResult:
+        out: dict[str, Any] = {}
+        for a in adapters:
+            out[a.name] = {"size": a.weights.ref, "fusion": a.capabilities.fusion,
+                           "params": count_parameters(a), "flops": count_flops(a, params.text_tokens)}
+        return CAParamsResult(models=out, full_size=params.full_size, text_tokens=params.text_tokens)
+
+    def summary_lines(self, result: CAParamsResult) -> list[str]:
+        size = "published architectures (meta device)" if result.full_size else "the loaded models"
+        return [f"parameters per group, {size}; FLOPs for one image + {result.text_tokens} caption tokens",
+                *table_lines(result)]
 
 
-def _declared(adapter: ModelAdapter) -> dict[str, str]:
+def declared_groups(adapter: ModelAdapter) -> dict[str, str]:
     """Declared path -> group, validated: known groups, paths that exist, no path twice."""
     declared = adapter.param_groups()
     unknown = set(declared) - set(PARAM_GROUPS)
@@ -69,7 +97,7 @@ def count_parameters(adapter: ModelAdapter) -> dict[str, Any]:
         ValueError: a declared path names nothing, two groups declare the same path, or a
             parameter falls in no group (the message lists a few).
     """
-    paths = _declared(adapter)
+    paths = declared_groups(adapter)
     counts = dict.fromkeys(PARAM_GROUPS, 0)
     missing: list[str] = []
     for name, p in adapter.model.named_parameters():  # unique tensors: a tied one appears once
@@ -98,10 +126,10 @@ def count_flops(adapter: ModelAdapter, text_tokens: int = 20) -> dict[str, Any]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    paths = _declared(adapter)
+    paths = declared_groups(adapter)
     model = adapter.model
     device = next(model.parameters()).device
-    s = adapter.image_size  # type: ignore[attr-defined]
+    s = adapter.image_size
     px = torch.zeros(1, 3, s, s, device=device, dtype=next(model.parameters()).dtype)
     ids = torch.zeros(1, text_tokens, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
@@ -127,65 +155,6 @@ def _inside_declared(path: str, paths: dict[str, str]) -> bool:
     return any(".".join(parts[:k]) in paths for k in range(1, len(parts)))
 
 
-def accounting_adapter(name: str, *, full_size: bool, weights: str = "auto") -> ModelAdapter:
-    """The adapter to count: the published architecture on the meta device (`full_size`), else
-    the model ``--weights`` resolves to (the bundled zoo model by default)."""
-    from probe import registry
-
-    entry = registry.model_entry(name)
-    if full_size:
-        loader = getattr(entry.loader, "__self__", None)
-        on_meta = getattr(loader, "on_meta", None)
-        if on_meta is None:
-            if name == "mmca":
-                return registry.load_model(name, weights="random")  # no published size: its own
-            raise ValueError(f"{name} has no published architecture to build on the meta device")
-        return on_meta()
-    return registry.load_model(name, weights=weights)
-
-
-def run_models(names: Sequence[str], *, full_size: bool = False, weights: str = "auto",
-               text_tokens: int = 20) -> CAParamsResult:
-    """Count parameters and FLOPs for each family in `names`."""
-    out: dict[str, Any] = {}
-    for name in names:
-        a = accounting_adapter(name, full_size=full_size, weights=weights)
-        out[name] = {"size": a.weights.ref, "fusion": a.capabilities.fusion,
-                     "params": count_parameters(a), "flops": count_flops(a, text_tokens)}
-    return CAParamsResult(models=out, full_size=full_size, text_tokens=text_tokens)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full-size", action="store_true",
-                        help="count the published architectures, built on the meta device (no download)")
-    parser.add_argument("--text-tokens", type=int, default=20, help="caption length for the FLOP count")
-
-
-def model_names(arg: str | None) -> list[str]:
-    """``all`` (the default) -> every captioner; else a comma-separated list."""
-    if arg in (None, "all"):
-        return list(CAPTIONERS)
-    return [m.strip() for m in arg.split(",") if m.strip()]
-
-
-def run_cli(args: argparse.Namespace) -> tuple[dict[str, Any], CAParamsResult]:
-    """Run from parsed CLI arguments: (manifest fields, result)."""
-    from probe import registry
-
-    names = model_names(args.model)
-    for n in names:
-        entry = registry.model_entry(n)  # unknown names list the known ones
-        if "caption" not in entry.capabilities.tasks:
-            raise ValueError(f"ca-params counts captioners; {n} is not one (use: {', '.join(CAPTIONERS)})")
-    result = run_models(names, full_size=args.full_size, weights=args.weights, text_tokens=args.text_tokens)
-    params = {"models": names, "full_size": args.full_size, "text_tokens": args.text_tokens}
-    return {"model": {"name": "+".join(names) if len(names) < 3 else "all"}, "parameters": params}, result
-
-
-def render(result: CAParamsResult) -> dict[str, Any]:
-    return {}
-
-
 def table_lines(result: CAParamsResult) -> list[str]:
     """Parameters (millions) per group and the cross-attention share of parameters and FLOPs."""
     short = {"vision": "vision", "embeddings": "embed", "text_self_attention": "text-self",
@@ -200,9 +169,3 @@ def table_lines(result: CAParamsResult) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in rows]
-
-
-def summary_lines(result: CAParamsResult) -> list[str]:
-    size = "published architectures (meta device)" if result.full_size else "the loaded models"
-    return [f"parameters per group, {size}; FLOPs for one image + {result.text_tokens} caption tokens",
-            *table_lines(result)]

@@ -11,100 +11,103 @@ attention weights (what the layer reads), not attributions: rollout and relevanc
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm.auto import tqdm
 
-from probe.adapter import ModelAdapter
-from probe.data import images_to_uint8
+from probe.analysis import Analysis, param
+from probe.data import ImageSet, images_to_uint8
+from probe.registry import register_analysis
 from probe.runs.results import FlowResult
-from probe.types import InputMeta
+from probe.types import InputMeta, layer_of
+from probe.viz.figures import grid, no_ticks, overlay, short
 
-NAME = "flow"
-SUMMARY = "per generated token and layer: attention mass on the image, top patches, token x patch maps"
-DEFAULT_MODEL = "blip"
-
-
-def check(adapter_capabilities: Any) -> str | None:
-    """Why this analysis cannot run on a family, or None."""
-    if "caption" not in adapter_capabilities.tasks:
-        return f"flow needs a captioner; {adapter_capabilities.family} does not caption (try probe run attention)"
-    return None
+MAX_IMAGES = 4
+MAX_TOKENS = 12
 
 
-def run(
-    adapter: ModelAdapter,
-    images: Sequence[Image.Image],
-    names: Sequence[str] | None = None,
-    *,
-    max_new_tokens: int = 20,
-    top_k: int = 5,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> FlowResult:
-    """Caption `images` greedily while capturing the text->image attention of every step.
+@register_analysis
+class Flow(Analysis):
+    """Caption the images greedily while capturing the text->image attention of every step."""
 
-    Returns:
-        A `FlowResult`; arrays ``flow.rows`` (images, layers, steps, keys) hold the head-mean rows
-        (keys beyond a step's length and steps beyond a caption's end are 0).
-    """
-    why = check(adapter.capabilities)
-    if why or not hasattr(adapter, "generate_with_cache"):
-        raise ValueError(why or f"{adapter.name} cannot capture during generation")
-    names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
-    if len(names) != len(images):
-        raise ValueError(f"{len(images)} images but {len(names)} names")
-    rows_parts: list[torch.Tensor] = []
-    tokens: list[list[str]] = []
-    captions: list[str] = []
-    meta: InputMeta | None = None
-    layers: list[int] = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=f"flow {adapter.name}", disable=not progress or len(starts) < 2):
-        chunk = images[start : start + batch_size]
-        hook = adapter.input_meta(adapter.preprocess(chunk[:1])).flow_hook
-        if hook is None:
-            raise ValueError(f"{adapter.name} does not say which pattern carries text->image attention")
-        caps, cache = adapter.generate_with_cache(chunk, hook.format(i="*"), max_new_tokens=max_new_tokens,
-                                                  reduce="mean")
-        meta = cache.meta
-        layers = sorted(int(n.split(".")[2]) for n in cache.names())
-        per_layer = [cache.stack_calls(hook.format(i=i))[:, 0] for i in layers]  # (b, steps, keys) each
-        rows_parts.append(_pad_stack(per_layer))
-        tokens += caps["tokens"]
-        captions += caps["text"]
-    assert meta is not None
-    steps = max(p.shape[2] for p in rows_parts)
-    keys = max(p.shape[3] for p in rows_parts)
-    rows = torch.cat([torch.nn.functional.pad(p, (0, keys - p.shape[3], 0, steps - p.shape[2])) for p in rows_parts])
-    for i, t in enumerate(tokens):  # rows past a caption's end (after <eos>) carry padding steps: zero them
-        rows[i, :, len(t) :] = 0
-    joint = meta.flow_hook is not None and ".attn." in meta.flow_hook
-    lo, hi = meta.spans["image"]
-    c0, c1 = meta.spans.get("cls", (lo, lo))
-    image_mass = rows[..., lo:hi].sum(-1).transpose(1, 2)  # (b, steps, layers)
-    cls_mass = rows[..., c0:c1].sum(-1).transpose(1, 2)
-    arrays = {"flow.rows": rows, "flow.image_mass": image_mass, "flow.cls_mass": cls_mass,
-              "input.image": images_to_uint8(images, meta.image_size or (224, 224))}
-    if joint:
-        t0 = meta.spans["text"][0]
-        arrays["flow.text_mass"] = rows[..., t0:].sum(-1).transpose(1, 2)
-    patch = rows[..., lo:hi].mean(1)  # layer-mean patch attention (b, steps, patches)
-    k = min(top_k, hi - lo)
-    top = [[patch[i, s].topk(k).indices.tolist() for s in range(len(t))] for i, t in enumerate(tokens)]
-    return FlowResult(
-        arrays=arrays, model=adapter.name, image_names=names, meta=_meta_dict(meta), layers=layers,
-        tokens=tokens, captions=captions, fusion=adapter.capabilities.fusion, joint=joint, top_patches=top,
-    )
+    name = "flow"
+    summary = "per generated token and layer: attention mass on the image, top patches, token x patch maps"
+    task = "caption"
+
+    @dataclass(frozen=True)
+    class Params:
+        max_new_tokens: int | None = param(None, "caption tokens to generate (default: the model's)", min=1)
+        top_k: int = param(5, "top patches per token to list", min=1)
+        batch_size: int = param(8, "images per generation batch", min=1)
+
+    def run(self, adapter: Any, inputs: ImageSet, params: Params) -> FlowResult:
+        """Returns a `FlowResult`; arrays ``flow.rows`` (images, layers, steps, keys) hold the head-mean
+        rows (keys beyond a step's length and steps beyond a caption's end are 0)."""
+        images = inputs.images
+        hook = adapter.flow_hook
+        rows_parts: list[torch.Tensor] = []
+        tokens: list[list[str]] = []
+        captions: list[str] = []
+        meta: InputMeta | None = None
+        layers: list[int] = []
+        starts = range(0, len(images), params.batch_size)
+        for start in tqdm(starts, desc=f"flow {adapter.name}", disable=len(starts) < 2):
+            chunk = images[start : start + params.batch_size]
+            caps, cache = adapter.generate_with_cache(chunk, hook.format(i="*"), max_new_tokens=params.max_new_tokens,
+                                                      reduce="mean")
+            meta = cache.meta
+            layers = sorted(layer_of(n) for n in cache.names())
+            per_layer = [cache.stack_calls(hook.format(i=i))[:, 0] for i in layers]  # (b, steps, keys) each
+            rows_parts.append(_pad_stack(per_layer))
+            tokens += caps["tokens"]
+            captions += caps["text"]
+        assert meta is not None
+        steps = max(p.shape[2] for p in rows_parts)
+        keys = max(p.shape[3] for p in rows_parts)
+        rows = torch.cat([torch.nn.functional.pad(p, (0, keys - p.shape[3], 0, steps - p.shape[2]))
+                          for p in rows_parts])
+        for i, t in enumerate(tokens):  # rows past a caption's end (after <eos>) carry padding steps: zero them
+            rows[i, :, len(t) :] = 0
+        joint = adapter.capabilities.joint_attention
+        lo, hi = meta.spans["image"]
+        c0, c1 = meta.spans.get("cls", (lo, lo))
+        image_mass = rows[..., lo:hi].sum(-1).transpose(1, 2)  # (b, steps, layers)
+        cls_mass = rows[..., c0:c1].sum(-1).transpose(1, 2)
+        arrays = {"flow.rows": rows, "flow.image_mass": image_mass, "flow.cls_mass": cls_mass,
+                  "input.image": images_to_uint8(images, meta.image_size or (224, 224))}
+        if joint:
+            t0 = meta.spans["text"][0]
+            arrays["flow.text_mass"] = rows[..., t0:].sum(-1).transpose(1, 2)
+        patch = rows[..., lo:hi].mean(1)  # layer-mean patch attention (b, steps, patches)
+        k = min(params.top_k, hi - lo)
+        top = [[patch[i, s].topk(k).indices.tolist() for s in range(len(t))] for i, t in enumerate(tokens)]
+        return FlowResult(
+            arrays=arrays, model=adapter.name, image_names=inputs.names, meta=_meta_dict(meta), layers=layers,
+            tokens=tokens, captions=captions, fusion=adapter.capabilities.fusion, joint=joint, top_patches=top,
+        )
+
+    def render(self, result: FlowResult) -> dict[str, Figure]:
+        return {"flow_tokens": render_token_maps(result), "flow_mass": render_mass(result)}
+
+    def summary_lines(self, result: FlowResult) -> list[str]:
+        what = ("image mass (joint attention; rest on text)" if result.joint
+                else "patch mass (cross-attention; rest on CLS)")
+        lines = [f"{len(result.image_names)} images, {len(result.layers)} text layers; per token: {what}, "
+                 "mean over layers"]
+        g = result.meta.get("grid")
+        for i, name in enumerate(result.image_names):
+            lines.append(f"  {name}: {result.captions[i]!r}")
+            mass = result.arrays["flow.image_mass"][i].mean(-1)
+            parts = []
+            for s, tok in enumerate(result.tokens[i]):
+                top = result.top_patches[i][s][:3]
+                where = [f"({p // g[1]},{p % g[1]})" for p in top] if g else [str(p) for p in top]
+                parts.append(f"{tok}:{float(mass[s]):.2f}@{'/'.join(where)}")
+            lines.append("    " + "  ".join(parts))
+        return lines
 
 
 def _pad_stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
@@ -118,45 +121,29 @@ def _meta_dict(meta: InputMeta) -> dict[str, Any]:
     return d
 
 
-# --------------------------------------------------------------------------- rendering
-
-MAX_IMAGES = 4
-MAX_TOKENS = 12
-
-
-def render(result: FlowResult) -> dict[str, Figure]:
-    return {"flow_tokens": render_token_maps(result), "flow_mass": render_mass(result)}
-
-
 def render_token_maps(result: FlowResult, layer: int | None = None) -> Figure:
     """Per image (rows): the image, then one panel per generated token with its head-mean
     attention over the patches (mean over layers, or one `layer`) overlaid on the image."""
     n_img = min(len(result.image_names), MAX_IMAGES)
     n_tok = min(max((len(t) for t in result.tokens), default=0), MAX_TOKENS)
     cols = 1 + max(n_tok, 1)
-    fig, axes = plt.subplots(n_img, cols, figsize=(1.6 * cols, 1.8 * n_img + 0.5), squeeze=False)
+    fig, axes = grid(n_img, cols, (1.6 * cols, 1.8 * n_img + 0.5))
     images = result.arrays["input.image"]
-    h, w = images.shape[1:3]
     for r in range(n_img):
-        axes[r][0].imshow(images[r].numpy())
-        axes[r][0].set_title(_short(result.image_names[r]) + "\n" + _short(result.captions[r], 28), fontsize=6)
+        img = images[r].numpy()
+        axes[r][0].imshow(img)
+        axes[r][0].set_title(short(result.image_names[r]) + "\n" + short(result.captions[r], 28), fontsize=6)
         maps = result.patch_maps(r, layer)
         vmax = float(maps.max()) if maps.numel() else 1.0  # one scale per image: uniform looks flat
         for c in range(1, cols):
-            ax = axes[r][c]
             s = c - 1
             if s < len(result.tokens[r]):
-                ax.imshow(images[r].numpy())
-                ax.imshow(maps[s].numpy(), cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
-                          vmin=0.0, vmax=vmax or 1.0)
+                overlay(axes[r][c], img, maps[s].numpy(), vmin=0.0, vmax=vmax or 1.0)
                 mass = float(result.arrays["flow.image_mass"][r, s].mean())
-                ax.set_title(f"{_short(result.tokens[r][s], 10)}\nimg {mass:.2f}", fontsize=6)
+                axes[r][c].set_title(f"{short(result.tokens[r][s], 10)}\nimg {mass:.2f}", fontsize=6)
             else:
-                ax.axis("off")
-    for row in axes:
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
+                axes[r][c].axis("off")
+    no_ticks(axes)
     where = "mean over layers" if layer is None else f"layer {layer}"
     fig.suptitle(f"{result.model}: attention of each generated token on the patches ({where}, mean over heads)",
                  fontsize=8)
@@ -167,52 +154,17 @@ def render_token_maps(result: FlowResult, layer: int | None = None) -> Figure:
 def render_mass(result: FlowResult) -> Figure:
     """Per image: a token x layer heatmap of the attention mass on image patches."""
     n_img = min(len(result.image_names), MAX_IMAGES)
-    fig, axes = plt.subplots(1, n_img, figsize=(0.4 * len(result.layers) + 2.2 * n_img, 3.2), squeeze=False)
+    fig, axes = grid(1, n_img, (0.4 * len(result.layers) + 2.2 * n_img, 3.2))
     for r in range(n_img):
         ax = axes[0][r]
         n = len(result.tokens[r])
-        m = result.arrays["flow.image_mass"][r, :n].numpy()
-        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set_yticks(range(n), [_short(t, 10) for t in result.tokens[r]], fontsize=6)
+        im = ax.imshow(result.arrays["flow.image_mass"][r, :n].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(n), [short(t, 10) for t in result.tokens[r]], fontsize=6)
         ax.set_xticks(range(len(result.layers)), [str(i) for i in result.layers], fontsize=6)
         ax.set_xlabel("layer", fontsize=7)
-        ax.set_title(_short(result.image_names[r]), fontsize=7)
+        ax.set_title(short(result.image_names[r]), fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.05)
     what = "image mass in the joint attention" if result.joint else "cross-attention mass on patches (rest: CLS)"
     fig.suptitle(f"{result.model}: {what}", fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _short(s: str, n: int = 18) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-# --------------------------------------------------------------------------- CLI plumbing
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--top-k", type=int, default=5, help="top patches per token to list")
-    parser.add_argument("--batch-size", type=int, default=8)
-
-
-def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "batch_size": args.batch_size}
-
-
-def summary_lines(result: FlowResult) -> list[str]:
-    what = "image mass (joint attention; rest on text)" if result.joint else "patch mass (cross-attention; rest on CLS)"
-    lines = [f"{len(result.image_names)} images, {len(result.layers)} text layers; per token: {what}, mean over layers"]
-    grid = result.meta.get("grid")
-    for i, name in enumerate(result.image_names):
-        lines.append(f"  {name}: {result.captions[i]!r}")
-        mass = result.arrays["flow.image_mass"][i].mean(-1)
-        parts = []
-        for s, tok in enumerate(result.tokens[i]):
-            top = result.top_patches[i][s][:3]
-            where = [f"({p // grid[1]},{p % grid[1]})" for p in top] if grid else [str(p) for p in top]
-            parts.append(f"{tok}:{float(mass[s]):.2f}@{'/'.join(where)}")
-        lines.append("    " + "  ".join(parts))
-    return lines
-

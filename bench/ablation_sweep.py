@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
+import probe
 from probe import registry
 from probe.analyses import ablation
 from probe.data.shapes import iter_split
 from probe.io import atomic_write_text
 
-FAMILIES = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
+FAMILIES = list(probe.models(task="caption"))  # every registered captioner
 
 
 def sweep(adapter, variants, ref, loop: bool, generate: bool, batch_size: int) -> tuple[float, torch.Tensor]:
@@ -65,7 +66,8 @@ def main() -> None:
     for name in args.families:
         adapter = registry.load_model(name, weights=args.weights)
         ref = ablation.reference(adapter, images)
-        variants = ablation.build_variants(adapter, "all", len(images), k=1, attended=None, objects=None)
+        span = adapter.input_meta(adapter.preprocess(images[:1])).spans["image"]
+        variants = ablation.build_variants(adapter, "all", len(images), k=1, span=span, attended=None, objects=None)
         variants = [v for v in variants if v.kind in ("none", "layer", "head")]  # the full layer x head sweep
         n_variants = len(variants)
         sweep(adapter, variants[:3], ablation.reference(adapter, images[:2]), False, args.generate, args.batch_size)

@@ -1,7 +1,8 @@
 """Captioning with all text->image attention captured against captioning without, per family.
 
-For each family (vit-gpt2, blip, git) at two sizes -- `tiny` (the test configs) and `full` (the
-published architecture built from its config in code, random weights) -- one image is captioned
+For each captioner with a published architecture (`Capabilities.published`) at two sizes -- `tiny`
+(``weights="random", config={}``: the test configs) and `full` (``weights="random"``: the published
+architecture built from its config in code, random weights) -- one image is captioned
 with a 20-token greedy decode (``min_new_tokens`` = ``max_new_tokens``, so both variants decode
 exactly 20 tokens), KV cache on. Variants, interleaved round by round on the same adapter:
 
@@ -29,18 +30,14 @@ import torch
 import transformers
 from PIL import Image
 
+import probe
 from probe.io import atomic_write_text
-from probe.models.blip import BlipAdapter
-from probe.models.git import GitAdapter
-from probe.models.vit_gpt2 import ViTGPT2Adapter
 
-FAMILIES = {"vit-gpt2": ViTGPT2Adapter, "blip": BlipAdapter, "git": GitAdapter}
+FAMILIES = [n for n, e in probe.models(task="caption").items() if e.capabilities.published]
 
 
-def build(cls, size: str):
-    if size == "tiny":
-        return cls.tiny(seed=0)
-    return cls.load(weights="random", seed=0)
+def build(name: str, size: str):
+    return probe.load_model(name, weights="random", seed=0, config={} if size == "tiny" else None)
 
 
 def bench_one(adapter, tokens: int, rounds: int) -> dict:
@@ -93,7 +90,7 @@ def main() -> None:
     results: dict = {}
     for size in args.sizes:
         for name in args.families:
-            adapter = build(FAMILIES[name], size)
+            adapter = build(name, size)
             r = bench_one(adapter, args.tokens, args.rounds)
             results[f"{name}/{size}"] = r
             print(f"{name:9s} {size:5s} plain {r['median_s']['plain']:.4f}s  xattn x{r['ratio_xattn']:.3f}  "

@@ -25,23 +25,22 @@ import torch
 import transformers
 from transformers import ViTConfig, ViTModel
 
+import probe
 from probe.capture import capture
 from probe.io import atomic_write_text
-from probe.models.hf_vit import HFViTAdapter
-from probe.weights import WeightsInfo
 
 PATTERNS = "vision.blocks.*.attn.pattern"
 
 
-def build(image_size: int) -> tuple[ViTModel, ViTModel, HFViTAdapter]:
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=image_size)  # ViT-B/16: 768 wide, 12 layers, 12 heads
+def build(image_size: int) -> tuple[ViTModel, ViTModel, object]:
+    """The same random ViT-B/16 three times: plain SDPA, eager, and ours (`hf-vit` on probe_capture)."""
+    ours = probe.load_model("hf-vit", weights="random", seed=0, config={"image_size": image_size})
+    cfg = ViTConfig(**ours.model.config.to_dict())  # ViT-B/16: 768 wide, 12 layers, 12 heads
     sdpa = ViTModel._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
     eager = ViTModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-    eager.load_state_dict(sdpa.state_dict())
-    ours = ViTModel._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
-    ours.load_state_dict(sdpa.state_dict())
-    return sdpa, eager, HFViTAdapter(ours, WeightsInfo("random", "bench"), processor=None)
+    sdpa.load_state_dict(ours.model.state_dict())
+    eager.load_state_dict(ours.model.state_dict())
+    return sdpa, eager, ours
 
 
 def bench(image_size: int, batch: int, rounds: int) -> dict:

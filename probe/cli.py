@@ -1,4 +1,8 @@
-"""The ``probe`` command line. The only place that configures logging and prints."""
+"""The ``probe`` command line. The only place that configures logging and prints.
+
+Every ``probe run ANALYSIS`` goes through `probe.pipeline.execute`; its flags are the common
+run flags plus the ones generated from the analysis's `Params` (`probe.analysis.add_arguments`).
+"""
 
 from __future__ import annotations
 
@@ -7,49 +11,48 @@ import json
 import logging
 import sys
 import time
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from probe import registry
-from probe.data import ImageLoadError, load_images
+import probe.analyses  # noqa: F401  (registers the analyses)
+from probe import registry, zoo
+from probe.analysis import Analysis, add_arguments, params_from_args
+from probe.data import ImageLoadError, load_labelled
+from probe.data.shapes import write_dataset
+from probe.docs import fusion_markdown
+from probe.io import check_output
+from probe.models.vit import ADAPTERS as VIT_KINDS
+from probe.pipeline import DTYPES, RunSpec, execute, resolve_device
 from probe.runs.store import RunStore, default_store_root
+from probe.train import train_classifier
+from probe.types import ProbeError
 
 log = logging.getLogger("probe")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEFAULT_MODEL = "vit-standard"
 
-
-class CLIError(Exception):
+class CLIError(ProbeError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def bundled_images() -> list[Path]:
-    """The sample images shipped in ``probe/assets/images``."""
-    folder = resources.files("probe.assets") / "images"
-    return sorted(Path(str(p)) for p in folder.iterdir() if str(p).endswith(".png"))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def _add_run_common(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--model", default=None,
-                   help=f"registered model (default: {default}); see `probe models`")
+def _add_run_common(p: argparse.ArgumentParser, analysis: Analysis) -> None:
+    if analysis.many_models:
+        default = "all (every model it applies to), or a comma-separated list"
+    else:
+        default = registry.default_model(analysis.task or analysis.default_task)
+    p.add_argument("--model", default=None, help=f"registered model (default: {default}); see `probe models`")
     p.add_argument("--weights", default="auto",
-                   help="auto | random | pretrained | demo | a hub id | a local folder (default auto)")
-    p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders (default: bundled samples)")
+                   help="auto | random | pretrained | demo | meta | a hub id | a local folder (default auto)")
+    if analysis.reads_images:
+        p.add_argument("--images", nargs="+", metavar="PATH", default=(),
+                       help="image files or folders (default: " + ("16 probe-shapes test images"
+                            if analysis.default_images == "shapes" else "the bundled samples") + ")")
+        p.add_argument("--shapes", type=int, default=None, metavar="N",
+                       help="run on N probe-shapes test images, with their masks and ground truth")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--out", type=Path, default=None, help=f"run store folder (default ${{PROBE_STORE}} or {default_store_root()})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"run store folder (default ${{PROBE_STORE}} or {default_store_root()})")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -71,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prun = sub.add_parser("run", help="run an analysis and save it as a run")
     arun = prun.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    for name, entry in registry.analyses().items():
-        pa = arun.add_parser(name, help=entry.summary)
-        _add_run_common(pa, getattr(entry.module, "DEFAULT_MODEL", DEFAULT_MODEL))
-        entry.module.add_arguments(pa)
+    for name, analysis in registry.analyses().items():
+        pa = arun.add_parser(name, help=analysis.summary, description=analysis.summary)
+        _add_run_common(pa, analysis)
+        add_arguments(pa, analysis.Params)
 
     pd = sub.add_parser("data", help="make data sets")
     dsub = pd.add_subparsers(dest="dataset", required=True)
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--out", type=Path, required=True)
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ps.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
 
     pz = sub.add_parser("zoo", help="the bundled probe-shapes models: list them, or rebuild one from its recipe")
     zsub = pz.add_subparsers(dest="zoo_command", required=True)
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     zt.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     zt.add_argument("--threads", type=int, default=None, help="torch threads (the cards record theirs)")
+    zt.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
 
     pt = sub.add_parser("train", help="train a model")
     tsub = pt.add_subparsers(dest="family", required=True)
@@ -111,14 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--heads", type=int, default=4)
     pv.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
     return parser
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     entries = registry.models()
     if args.fusion:
-        from probe.docs import fusion_markdown
-
         print(fusion_markdown())
         return 0
     if args.json:
@@ -157,123 +161,66 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    entry = registry.analysis_entry(args.analysis)
-    if not getattr(entry.module, "NEEDS_IMAGES", True):
-        return _run_without_images(args, entry)
-    model_name = args.model or getattr(entry.module, "DEFAULT_MODEL", DEFAULT_MODEL)
-    model_entry = registry.model_entry(model_name)  # fails early, listing the known models
-    check = getattr(entry.module, "check", None)
-    why = check(model_entry.capabilities) if check else None
-    if why:  # before loading any weights
-        raise CLIError(why)
-    torch.manual_seed(args.seed)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    extra: dict[str, Any] = {}
-    if not args.images and hasattr(entry.module, "default_inputs"):
-        images, names, extra = entry.module.default_inputs(args)
-        paths = list(names)
-    else:
-        paths = args.images or bundled_images()
-        images, names = load_images(paths)
-    t0 = time.perf_counter()
-    adapter = model_entry.loader(weights=args.weights, seed=args.seed, device=device, dtype=dtype)
-    t_load = time.perf_counter() - t0
-    w = adapter.weights
-    log.info("model %s, weights: %s %s (sha256 %s)", adapter.name, w.source, w.ref, (w.sha256 or "")[:12])
-    if w.source == "random":
-        log.warning("%s has RANDOM weights: the maps show the architecture, not learned behaviour", adapter.name)
-    params = entry.module.params_from_args(args)
-    t1 = time.perf_counter()
-    result = entry.module.run(adapter, images, names, **params, **extra)
-    t_run = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    figures = entry.module.render(result)
-    t_render = time.perf_counter() - t2
-    manifest: dict[str, Any] = {
-        "analysis": args.analysis,
-        "model": adapter.describe(),
-        "weights": w.to_dict(),
-        "attn_implementation": adapter.attn_implementation,
-        "dtype": args.dtype,
-        "device": str(device),
-        "seed": args.seed,
-        "images": [str(p) for p in paths],
-        "parameters": params,
-        "timings_s": {"load": round(t_load, 4), "run": round(t_run, 4), "render": round(t_render, 4)},
-    }
-    run = RunStore(args.out).save(manifest, result, figures)
-    for line in entry.module.summary_lines(result):
+    analysis = registry.analysis(args.analysis)
+    spec = RunSpec(
+        analysis=args.analysis, model=args.model, weights=args.weights, images=tuple(getattr(args, "images", ())),
+        shapes=getattr(args, "shapes", None), device=args.device, dtype=args.dtype, seed=args.seed,
+        params=params_from_args(args, analysis.Params), store=args.out,
+    )
+    outcome = execute(spec)
+    for line in outcome.lines:
         print(line)
-    print(f"saved run {run.id} in {run.path}")
-    for f in run.figures:
+    assert outcome.run is not None
+    print(f"saved run {outcome.run.id} in {outcome.run.path}")
+    for f in outcome.run.figures:
         print(f"  figure {f}")
     return 0
 
 
-def _run_without_images(args: argparse.Namespace, entry: registry.AnalysisEntry) -> int:
-    """Analyses that read models, not images (``ca-params``): the module parses its own arguments."""
-    if args.images:
-        raise CLIError(f"{args.analysis} reads no images; drop --images")
-    t0 = time.perf_counter()
-    fields, result = entry.module.run_cli(args)
-    figures = entry.module.render(result)
-    manifest: dict[str, Any] = {"analysis": args.analysis, **fields, "seed": args.seed,
-                                "timings_s": {"run": round(time.perf_counter() - t0, 4)}}
-    run = RunStore(args.out).save(manifest, result, figures)
-    for line in entry.module.summary_lines(result):
-        print(line)
-    print(f"saved run {run.id} in {run.path}")
-    return 0
-
-
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from probe import zoo
-
     if args.zoo_command == "list":
         print(zoo.markdown_table())
         print(f"\ntotal bundled: {zoo.size_bytes() / 1e6:.2f} MB in {zoo.ZOO_DIR}")
         return 0
-    if args.family not in zoo.RECIPES:
-        raise CLIError(f"no zoo recipe for {args.family!r}; known: {', '.join(zoo.RECIPES)}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: give at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("probe-zoo") / args.family
-    _, info = zoo.train_family(args.family, out, steps=args.steps, seed=args.seed)
+    _, info = zoo.train_family(args.family, out, steps=args.steps, seed=args.seed, force=args.force)
     print(f"{args.family}: {json.dumps(info['metrics'])} in {info['wall_seconds']:.0f} s; wrote {out}")
     print(f"use it with --model {args.family} --weights {out}")
     return 0
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from probe.data.shapes import write_dataset
-
     t0 = time.perf_counter()
-    out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size)
+    if args.n < 1 or args.size < 8:
+        raise CLIError(f"--n {args.n} / --size {args.size}: give at least 1 image of at least 8 pixels")
+    out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size, force=args.force)
     print(f"wrote probe-shapes to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_train_vit(args: argparse.Namespace) -> int:
-    from probe.data import load_labelled
-    from probe.models.vit import ViT, ViTConfig, save_vit
-    from probe.train import train_vit
-
     device = resolve_device(args.device)
+    if args.attention not in VIT_KINDS:
+        raise CLIError(f"--attention {args.attention!r}: use one of {', '.join(VIT_KINDS)}")
+    check_output(args.out, args.force)  # before any training
     train = load_labelled(args.data, "train", args.image_size)
     test = load_labelled(args.data, "test", args.image_size)
-    torch.manual_seed(args.seed)
-    cfg = ViTConfig(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                    heads=args.heads, num_classes=len(train.classes), attention=args.attention,
-                    labels=tuple(train.classes))
-    model = ViT(cfg)
-    report = train_vit(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       seed=args.seed, device=str(device), max_steps=args.max_steps)
+    name = VIT_KINDS[args.attention].name
+    config = {"image_size": args.image_size, "patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
+              "heads": args.heads, "num_classes": len(train.classes), "labels": tuple(train.classes)}
+    adapter = registry.load_model(name, weights="random", seed=args.seed, config=config, device=device)
+    report = train_classifier(adapter, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, max_steps=args.max_steps)
     card = {"train": {"data": str(args.data), "epochs": args.epochs, "steps": report.steps, "seed": args.seed,
                       "seconds": round(report.seconds, 2), "final_loss": report.losses[-1] if report.losses else None},
             "metrics": {"test_top1": report.top1, "test_top5": report.top5, "test_n": len(test)}}
-    save_vit(model.cpu(), args.out, extra=card)
+    adapter.to("cpu").save(args.out, extra=card, force=args.force)
     print(f"test top-1 {report.top1:.4f}  top-5 {report.top5:.4f}  ({report.steps} steps, {report.seconds:.1f} s)")
-    print(f"saved checkpoint {args.out}; use it with --model vit-{args.attention.replace('_', '-')} --weights {args.out}")
+    print(f"saved checkpoint {args.out}; use it with --model {name} --weights {args.out}")
     return 0
 
 
@@ -297,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_shapes(args)
         if args.command == "train":
             return cmd_train_vit(args)
-    except (CLIError, registry.UnknownNameError, ImageLoadError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ProbeError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         if args.debug:
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

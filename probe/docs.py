@@ -6,34 +6,32 @@ holds the same table between markers, and a test fails when it is stale.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from probe.types import select
+from probe import registry
+from probe.analyses.ca_params import count_parameters, declared_groups
+from probe.capture import MaskTokens
+from probe.types import VOCABULARY, select
 
-CAPTIONERS = ("vit-gpt2", "blip", "git", "prefix-vlm", "mmca")
 START, END = "<!-- fusion-table:start -->", "<!-- fusion-table:end -->"
+HOOKS_START, HOOKS_END = "<!-- hook-table:start -->", "<!-- hook-table:end -->"
 
 
-def _adapter(name: str) -> Any:
-    """The published architecture on the meta device where there is one, else the small default."""
-    from probe.analyses.ca_params import accounting_adapter
-
-    return accounting_adapter(name, full_size=True)
+def captioners() -> list[str]:
+    """Every registered model that captions, in registration order."""
+    return list(registry.models(task="caption"))
 
 
 def _template(paths: list[str]) -> str:
     """``a.0.b``, ``a.1.b`` -> ``a.{i}.b``."""
-    import re
-
     return sorted({re.sub(r"\.\d+(\.|$)", r".{i}\1", p) for p in paths})[0] if paths else ""
 
 
 def fusion_row(name: str) -> dict[str, Any]:
-    """Facts of one family, read from its adapter."""
-    from probe.analyses.ca_params import _declared, count_parameters
-    from probe.capture import MaskTokens
-
-    a = _adapter(name)
+    """Facts of one family, read from its adapter (the published architecture on the meta device
+    where there is one, else the family's default size)."""
+    a = registry.load_model(name, weights="meta")
     specs = a.hook_specs()
     xattn = [s for s in specs if s.kind == "pattern" and ".xattn." in s.name and s.name.startswith("text.")]
     flow = [s for s in specs if s.name == a.flow_hook.format(i=0)][0]
@@ -43,13 +41,13 @@ def fusion_row(name: str) -> dict[str, Any]:
     routed = sorted({s.mask_arg for s in targets if s.mask_arg})
     how = ", ".join(sorted({iv.attention for iv in ivs})) or "none"
     how = f"key mask on `{how}`" + (f" (routed into `{'`, `'.join(routed)}`)" if routed else "")
-    xa_paths = [p for p, g in _declared(a).items() if g == "cross_attention"]
+    xa_paths = [p for p, g in declared_groups(a).items() if g == "cross_attention"]
     kinds = sorted({type(m).__name__ for p in xa_paths for m in a.module(p).modules()
                     if any(True for _ in m.parameters(recurse=False))})
     text_layers = sum(1 for s in specs if s.name.startswith("text.") and s.name.endswith(".attn.pattern"))
     if xattn:
         where = f"{len(xattn)} of {text_layers} text layers: `{_template([s.module for s in xattn])}`"
-    elif a.capabilities.fusion == "mmca":
+    elif a.capabilities.fusion == "multimodal_causal":
         where = "none separate: one attention, two softmaxes"
     else:
         where = "none"
@@ -70,9 +68,9 @@ COLUMNS = [("model", "model"), ("fusion", "fusion"), ("cross_attention", "cross-
            ("xattn_params", "cross-attention params"), ("xattn_modules", "modules with cross-attention params")]
 
 
-def fusion_markdown(names: tuple[str, ...] = CAPTIONERS) -> str:
-    """The fusion table as Markdown (one row per family)."""
-    rows = [fusion_row(n) for n in names]
+def fusion_markdown(names: list[str] | None = None) -> str:
+    """The fusion table as Markdown (one row per family; default every captioner)."""
+    rows = [fusion_row(n) for n in (names or captioners())]
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [f"{r[k]:,}" if k == "xattn_params" else str(r[k]) for k, _ in COLUMNS]
@@ -83,8 +81,15 @@ def fusion_markdown(names: tuple[str, ...] = CAPTIONERS) -> str:
     return "\n".join(lines)
 
 
-def readme_block(readme: str) -> str:
-    """The text between the fusion-table markers of a README."""
-    if START not in readme or END not in readme:
-        raise ValueError(f"README has no {START} ... {END} block")
-    return readme.split(START, 1)[1].split(END, 1)[0].strip()
+def hooks_markdown() -> str:
+    """The hook vocabulary (`probe.types.VOCABULARY`) as a Markdown table."""
+    lines = ["| name | shape | what |", "|---|---|---|"]
+    lines += [f"| `{h.template}` | {h.shape} | {h.doc} |" for h in VOCABULARY]
+    return "\n".join(lines)
+
+
+def readme_block(readme: str, start: str = START, end: str = END) -> str:
+    """The text between two markers of a README (default: the fusion table's)."""
+    if start not in readme or end not in readme:
+        raise ValueError(f"README has no {start} ... {end} block")
+    return readme.split(start, 1)[1].split(end, 1)[0].strip()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from probe.types import Capabilities, ProbeError
+from probe.types import Capabilities, ProbeError, Recipe
 
 
 class UnknownNameError(ProbeError, KeyError):
@@ -30,6 +30,7 @@ class ModelEntry:
     capabilities: Capabilities
     summary: str
     default_weights: str = "auto"
+    recipe: Recipe | None = None
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -38,11 +39,12 @@ T = TypeVar("T")
 
 
 def register_model(name: str, loader: Callable[..., Any], *, capabilities: Capabilities, summary: str,
-                   default_weights: str = "auto") -> None:
-    """Register `loader` under `name` (one family may register several names, e.g. the ViT kinds)."""
+                   default_weights: str = "auto", recipe: Recipe | None = None) -> None:
+    """Register `loader` under `name` (one family may register several names, e.g. the ViT kinds);
+    `recipe` says how its bundled zoo checkpoint is trained."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = ModelEntry(name, loader, capabilities, summary, default_weights)
+    _MODELS[name] = ModelEntry(name, loader, capabilities, summary, default_weights, recipe)
 
 
 def register_analysis(cls: type[T]) -> type[T]:

@@ -1,21 +1,88 @@
-"""Training loop for the from-scratch ViT family (classification, top-1 and top-5)."""
+"""The one training loop (`fit`), and the two tasks built on it: classifiers (`train_classifier`)
+and teacher-forced captioners (`caption_loss`, used by the zoo and `probe.models.text`).
+
+`fit` is AdamW with linear warm-up, cosine decay and gradient clipping, over any
+``loss_at(step) -> loss``; it knows nothing about the model family.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
-from probe.data import ImageDataset, images_to_tensor
-from probe.models.vit import ViT, ViTConfig
+from probe.data import ImageDataset
 
 log = logging.getLogger(__name__)
+
+
+def fit(params: Sequence[torch.Tensor], steps: int, loss_at: Callable[[int], torch.Tensor], *, lr: float = 1e-3,
+        weight_decay: float = 0.01, warmup: int | None = None, clip: float | None = 1.0, desc: str = "train",
+        progress: bool = True) -> list[float]:
+    """Minimise ``loss_at(step)`` for `steps` steps over `params`; returns the loss of every step.
+
+    AdamW, `warmup` steps of linear warm-up (default: min(100, steps // 10 + 1)), then cosine decay
+    to 0; gradients clipped to norm `clip` (None: no clipping).
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}: an untrained model is not saved")
+    warmup = min(100, steps // 10 + 1) if warmup is None else warmup
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def schedule(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(s - warmup, steps - warmup) / max(steps - warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def epoch_batches(n: int, batch_size: int, steps: int, seed: int, drop_last: bool = True) -> list[np.ndarray]:
+    """`steps` index batches of size `batch_size` over `n` items, a new permutation every epoch."""
+    g = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = g.permutation(n)
+        stop = n - batch_size + 1 if drop_last and n >= batch_size else n
+        out += [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return out[:steps]
+
+
+def caption_loss(adapter: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teacher-forced next-token cross-entropy of a captioner over the real (unpadded) tokens of
+    ``batch["input_ids"]`` (b, T), as `adapter.encode_captions` makes them."""
+    logits = adapter.forward(batch)
+    ids = batch["input_ids"]
+    keep = batch["attention_mask"].bool()
+    target = ids[:, 1:].masked_fill(~keep[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=-100)
 
 
 @dataclass(frozen=True)
@@ -29,72 +96,50 @@ class TrainReport:
     seconds: float
 
 
-def _pixels(images: np.ndarray, cfg: ViTConfig) -> torch.Tensor:
-    from PIL import Image
-
-    return images_to_tensor([Image.fromarray(a) for a in images], cfg.image_size, cfg.mean, cfg.std)
+def _pixels(adapter: Any, images: np.ndarray) -> torch.Tensor:
+    return adapter.preprocess([Image.fromarray(a) for a in images])["pixel_values"]
 
 
 @torch.no_grad()
-def evaluate(model: ViT, data: ImageDataset, batch_size: int = 128, device: str = "cpu") -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (top-k with k capped at the number of classes)."""
-    model.eval()
+def evaluate_classifier(adapter: Any, data: ImageDataset, batch_size: int = 128) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy of a classifier adapter (top-k with k capped at the classes)."""
+    adapter.model.eval()
     correct1 = correct5 = 0
-    k = min(5, model.cfg.num_classes)
     for xb, yb in data.batches(batch_size):
-        logits = model(_pixels(xb, model.cfg).to(device))
-        y = torch.from_numpy(yb).to(device)
-        topk = logits.topk(k, dim=-1).indices
+        logits = adapter.forward({"pixel_values": _pixels(adapter, xb)})
+        y = torch.from_numpy(yb).to(logits.device)
+        topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += int((topk[:, 0] == y).sum())
         correct5 += int((topk == y[:, None]).any(-1).sum())
     n = max(len(data), 1)
     return correct1 / n, correct5 / n
 
 
-def train_vit(
-    model: ViT,
-    train: ImageDataset,
-    test: ImageDataset,
-    *,
-    epochs: int = 1,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    seed: int = 0,
-    device: str = "cpu",
-    max_steps: int | None = None,
-    progress: bool = True,
-) -> TrainReport:
-    """AdamW with cosine decay and cross-entropy; returns losses and test top-1/top-5."""
-    if len(train.classes) > model.cfg.num_classes:
-        raise ValueError(f"data has {len(train.classes)} classes, model head has {model.cfg.num_classes}")
-    g = torch.Generator().manual_seed(seed)
+def train_classifier(adapter: Any, train: ImageDataset, test: ImageDataset, *, epochs: int = 1,
+                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
+                     max_steps: int | None = None, progress: bool = True) -> TrainReport:
+    """Train a classifier adapter with `fit` (cross-entropy), then measure test top-1 and top-5."""
+    n_out = adapter.forward({"pixel_values": _pixels(adapter, train.images[:1])}).shape[-1]
+    if len(train.classes) > n_out:
+        raise ValueError(f"data has {len(train.classes)} classes, the model's head has {n_out}")
+    if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+        raise ValueError(f"epochs ({epochs}), batch size ({batch_size}) and max steps ({max_steps}) must be >= 1")
     torch.manual_seed(seed)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    losses: list[float] = []
+    per_epoch = math.ceil(len(train) / batch_size)
+    steps = per_epoch * epochs if max_steps is None else min(max_steps, per_epoch * epochs)
+    batches = epoch_batches(len(train), batch_size, steps, seed, drop_last=False)
+    model = adapter.model
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"train vit-{model.cfg.attention}", disable=not progress)
-    step = 0
-    for _ in range(epochs):
-        for xb, yb in train.batches(batch_size, shuffle=True, generator=g):
-            if step >= total:
-                break
-            logits = model(_pixels(xb, model.cfg).to(device))
-            loss = F.cross_entropy(logits, torch.from_numpy(yb).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    top1, top5 = evaluate(model, test, device=device)
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = batches[step]
+        logits = adapter.forward({"pixel_values": _pixels(adapter, train.images[idx])})
+        return F.cross_entropy(logits, torch.from_numpy(train.labels[idx]).to(logits.device))
+
+    model.train()
+    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=weight_decay, warmup=0, clip=None,
+                 desc=f"train {adapter.name}", progress=progress)
+    top1, top5 = evaluate_classifier(adapter, test)
     model.eval()
-    log.info("trained %d steps: test top-1 %.3f, top-5 %.3f", step, top1, top5)
-    return TrainReport(losses, top1, top5, step, time.perf_counter() - t0)
+    log.info("trained %d steps: test top-1 %.3f, top-5 %.3f", steps, top1, top5)
+    return TrainReport(losses, top1, top5, steps, time.perf_counter() - t0)

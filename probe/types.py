@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 HookKind = Literal["output", "input", "pattern"]
-Fusion = Literal["none", "cross_attention", "prefix", "mmca"]
+Fusion = Literal["none", "cross_attention", "prefix", "multimodal_causal"]
 
 #: parameter groups an adapter can declare (see `ModelAdapter.param_groups`)
 PARAM_GROUPS = ("vision", "embeddings", "text_self_attention", "cross_attention", "feed_forward", "fusion", "head")
@@ -45,7 +45,7 @@ VOCABULARY: tuple[HookName, ...] = (
     HookName("vision.blocks.{i}.resid_post", "(batch, tokens, dim) or (batch, channels, h, w)",
              "the block's output"),
     HookName("vision.blocks.{i}.xattn.pattern", "(batch, heads, h*w, text)",
-             "image queries attending to text keys (`xattn-cond`)"),
+             "image queries attending to text keys (the cross-attention conditioning block)"),
     HookName("vision.output", "(batch, image tokens, dim)",
              "the vision tower's output, as the text side reads it (captioners)"),
     HookName("fusion.proj", "(batch, image tokens, d_model)", "the projection between vision and text"),
@@ -188,7 +188,8 @@ class Capabilities:
     Attributes:
         family: short family name (``vit``, ``hf-vit``, ``captioner`` ...).
         fusion: how image information reaches text: ``none`` (vision only), ``cross_attention``,
-            ``prefix`` (image tokens prefix one causal self-attention stack) or ``mmca``.
+            ``prefix`` (image tokens prefix one causal self-attention stack) or ``multimodal_causal``
+            (MMCA: text reads text and image through separate softmaxes).
         has_cross_attention: whether text->image attention is a separate cross-attention.
         attention_weights: ``exact`` (softmax probabilities) or ``effective`` (the token-by-token
             matrix of an approximate attention, e.g. ``D^-1 phi(Q) phi(K)^T`` for Performer).
@@ -258,6 +259,34 @@ class InputMeta:
             flow_hook=d.get("flow_hook"),
             joint=bool(d.get("joint", False)),
         )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a family's bundled probe-shapes checkpoint (the zoo) is made; declared by the family
+    when it registers (`probe.registry.register_model`), built by `probe.zoo.train_family`.
+
+    Attributes:
+        task: ``classify`` (colour and shape of the largest object) or ``caption``.
+        config: the family's model config, as its loader takes it (``load(weights="random",
+            config=...)``). n_train, steps, batch_size, lr, seed: training; data_seed, n_test,
+            image_size: the probe-shapes data; dtype: of the saved weights; extra: e.g. a ``note``
+            saying why the checkpoint misses the quality bar.
+    """
+
+    name: str
+    task: str
+    config: dict[str, Any]
+    n_train: int
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    data_seed: int = 0
+    n_test: int = 512
+    image_size: int = 64
+    dtype: str = "float16"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

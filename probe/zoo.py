@@ -24,36 +24,30 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 
-import probe.assets
+import probe.models  # noqa: F401  (registers the families whose recipes live here)
+from probe import registry
+from probe.capture import intervene
+from probe.data import ImageDataset
+from probe.data.metrics import caption_metrics, classify_classes, largest_object
+from probe.data.shapes import ShapesSample, iter_split
+from probe.io import atomic_dir, atomic_write_text, check_output
+from probe.train import caption_loss, epoch_batches, evaluate_classifier, fit
+from probe.types import ProbeError, Recipe
+from probe.weights import ZOO_DIR
 
 log = logging.getLogger(__name__)
 
-ZOO_DIR = Path(probe.assets.__file__).resolve().parent / "zoo"
 CARD = "card.json"
 CHECK_N = 64  # the card also records the metrics on the first CHECK_N test images: a quick re-measure
-
-
-def demo_path(name: str) -> Path:
-    """The folder of `name`'s bundled demo checkpoint (it may not exist)."""
-    return ZOO_DIR / name
-
-
-def source_of(folder: Path) -> str:
-    """``demo`` for a bundled zoo checkpoint, ``local`` for any other folder."""
-    return "demo" if folder.resolve().is_relative_to(ZOO_DIR) else "local"
 
 
 def bundled() -> list[str]:
@@ -72,194 +66,48 @@ def card(name: str, root: Path | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- data
-def classify_classes() -> list[str]:
-    from probe.data.shapes import COLOURS, SHAPES
-
-    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
-
-
-def largest_label(masks: np.ndarray, objects: Sequence[Any]) -> str | None:
-    """``"colour shape"`` of the object with the most pixels, or None when that is not unique."""
-    areas = masks.reshape(len(objects), -1).sum(1)
-    top = np.flatnonzero(areas == areas.max())
-    if len(top) != 1:
-        return None
-    o = objects[int(top[0])]
-    return f"{o.colour} {o.shape}"
+def classification_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> ImageDataset:
+    """`n` probe-shapes images of `split` whose largest object is unique, labelled with its
+    ``colour shape`` class (`classification_samples` gives the samples and object indices too)."""
+    return classification_samples(split, n, seed=seed, image_size=image_size)[0]
 
 
-def classification_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> Any:
-    """`n` probe-shapes images of `split` whose largest object is unique, labelled with it."""
-    from probe.data import ImageDataset
-    from probe.data.shapes import iter_split
-
+def classification_samples(split: str, n: int, *, seed: int = 0, image_size: int = 64
+                           ) -> tuple[ImageDataset, list[ShapesSample], list[int]]:
+    """As `classification_data`, plus each image's `ShapesSample` (masks included) and the index
+    of its largest object (the labelled one)."""
     classes = classify_classes()
-    images, labels = [], []
+    samples, objects, labels = [], [], []
     for s in iter_split(split, 10 * n + 100, seed=seed, image_size=image_size):
-        label = largest_label(s.masks, s.objects)
-        if label is None:
+        j = largest_object(s.masks, s.objects)
+        if j is None:
             continue
-        images.append(np.asarray(s.image))
-        labels.append(classes.index(label))
+        samples.append(s)
+        objects.append(j)
+        labels.append(classes.index(f"{s.objects[j].colour} {s.objects[j].shape}"))
         if len(labels) == n:
             break
-    return ImageDataset(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+    data = ImageDataset(np.stack([np.asarray(s.image) for s in samples]), np.asarray(labels, dtype=np.int64), classes)
+    return data, samples, objects
 
 
-def caption_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> list[Any]:
+def caption_data(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> list[ShapesSample]:
     """The first `n` `ShapesSample`s of `split`."""
-    from probe.data.shapes import iter_split
-
     return list(iter_split(split, n, seed=seed, image_size=image_size))
 
 
-_PAIR = re.compile(r"\b(red|green|blue|yellow) (circle|square|triangle)s?\b")
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().replace(".", " ").split())
-
-
-def caption_metrics(generated: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
-    """``exact``: fraction of captions equal to the ground truth (whitespace-normalised);
-    ``objects``: fraction of ground-truth objects whose colour and shape the caption names."""
-    exact = named = total = 0
-    for text, s in zip(generated, samples, strict=True):
-        exact += normalise(text) == normalise(s.caption)
-        want = Counter((o.colour, o.shape) for o in s.objects)
-        got = Counter(_PAIR.findall(normalise(text)))
-        named += sum(min(c, got[k]) for k, c in want.items())
-        total += len(s.objects)
-    return {"exact": exact / max(len(samples), 1), "objects": named / max(total, 1)}
-
-
 # ---------------------------------------------------------------------------------------- recipes
-VIT_KINDS = ("standard", "merged_qkv", "linformer", "performer", "nystrom", "hybrid")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one family's zoo checkpoint is made. `config`: family-specific model config."""
-
-    name: str
-    task: str  # "classify" | "caption"
-    config: dict[str, Any]
-    n_train: int
-    steps: int
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    data_seed: int = 0
-    n_test: int = 512
-    image_size: int = 64
-    dtype: str = "float16"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_VIT = {"dim": 64, "depth": 4, "heads": 4, "patch_size": 8, "image_size": 64}
-_HF = {"image_size": 64, "patch_size": 8, "hidden": 64, "layers": 3, "heads": 4, "positions": 32}
-
-RECIPES: dict[str, Recipe] = {
-    **{f"vit-{k.replace('_', '-')}": Recipe(f"vit-{k.replace('_', '-')}", "classify",
-                                            {**_VIT, "attention": k}, n_train=12000, steps=2500, lr=2e-3)
-       for k in VIT_KINDS},
-    "vit-gpt2": Recipe("vit-gpt2", "caption", _HF, n_train=12000, steps=2500, lr=2e-3),
-    "blip": Recipe("blip", "caption", _HF, n_train=12000, steps=2500, lr=2e-3),
-    # GIT's single joint stack learns this task slower than the encoder-decoder families: at 2500
-    # steps it ends at 80% objects (training loss 0.26 against 0.08); 4500 steps reach the bar
-    "git": Recipe("git", "caption", _HF, n_train=12000, steps=4500, lr=2e-3),
-    "prefix-vlm": Recipe("prefix-vlm", "caption",
-                         {"decoder": {"d_model": 96, "depth": 3, "heads": 4, "max_len": 96, "train_decoder": True},
-                          "vision": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                                     "intermediate_size": 256, "image_size": 64, "patch_size": 8}},
-                         n_train=12000, steps=3000, lr=2e-3,
-                         extra={"note": "misses the 90% objects bar (88.6%): by design only the projection and decoder "
-                                "train, and the frozen ViT here is random (no pretrained ViT can be downloaded), so "
-                                "the prefix carries random patch features; most errors are relations (above/left "
-                                "of) and small-object shapes. Pretraining the frozen ViT on probe-shapes first, or "
-                                "more than 3000 steps, should lift it."}),
-    "mmca": Recipe("mmca", "caption",
-                   {"dim": 96, "depth": 3, "heads": 4, "max_len": 96,
-                    "vision": {"dim": 64, "depth": 3, "heads": 4, "image_size": 64, "patch_size": 8}},
-                   n_train=12000, steps=3000, lr=2e-3),
-}
+#: every family that declared a zoo recipe when it registered (`probe.types.Recipe`)
+RECIPES: dict[str, Recipe] = {n: e.recipe for n, e in registry.models().items() if e.recipe is not None}
 
 
 def _fresh(name: str, recipe: Recipe) -> Any:
-    """A randomly initialised adapter of `name` built from its recipe."""
-    from probe import registry
-
-    cfg = recipe.config
+    """A randomly initialised adapter of `name` built from its recipe's config."""
+    config = dict(recipe.config)
     if recipe.task == "classify":
-        from probe.models.vit import ViTAdapter
-
         labels = classify_classes()
-        return ViTAdapter.load(attention=cfg["attention"], weights="random", seed=recipe.seed,
-                               config={k: v for k, v in cfg.items() if k != "attention"}
-                               | {"num_classes": len(labels), "labels": tuple(labels)})
-    if name in ("vit-gpt2", "blip", "git"):
-        return _hf_class(name).tiny(seed=recipe.seed, **cfg)
-    if name == "prefix-vlm":
-        return registry.load_model(name, weights="random", seed=recipe.seed, decoder=cfg["decoder"], vision=cfg["vision"])
-    if name == "mmca":
-        return registry.load_model(name, weights="random", seed=recipe.seed, config=cfg)
-    raise KeyError(name)
-
-
-def _hf_class(name: str) -> Any:
-    from probe.models.blip import BlipAdapter
-    from probe.models.git import GitAdapter
-    from probe.models.vit_gpt2 import ViTGPT2Adapter
-
-    return {"vit-gpt2": ViTGPT2Adapter, "blip": BlipAdapter, "git": GitAdapter}[name]
-
-
-def caption_loss(adapter: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher-forced next-token cross-entropy over the real (unpadded) caption tokens."""
-    logits = adapter.forward(batch)
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    keep = (ids != adapter.tokenizer.pad_id) if mask is None else mask.bool()
-    target = ids[:, 1:].masked_fill(~keep[:, 1:], -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             target.reshape(-1), ignore_index=-100)
-
-
-def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(s - warmup, steps - warmup) / max(steps - warmup, 1)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-def _train_loop(params: list[torch.Tensor], steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
-                desc: str, progress: bool) -> list[float]:
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = _cosine(opt, steps, warmup=min(100, steps // 10 + 1))
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
-    for step in bar:
-        loss = loss_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
-
-
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
-    g = np.random.default_rng(seed)
-    out: list[np.ndarray] = []
-    while len(out) < steps:
-        order = g.permutation(n)
-        out += [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-    return out[:steps]
+        config |= {"num_classes": len(labels), "labels": tuple(labels)}
+    return registry.load_model(name, weights="random", seed=recipe.seed, config=config)
 
 
 @torch.no_grad()
@@ -271,12 +119,8 @@ def measure(adapter: Any, task: str, *, n_test: int = 512, data_seed: int = 0, i
     ``blind_exact`` and ``blind_objects`` (every image token removed from what the text reads).
     """
     if task == "classify":
-        from probe.train import evaluate
-
         data = classification_data("test", n_test, seed=data_seed, image_size=image_size)
-        return {"top1": evaluate(adapter.model, data, batch_size=batch_size)[0]}
-    from probe.capture import intervene
-
+        return {"top1": evaluate_classifier(adapter, data, batch_size=batch_size)[0]}
     samples = caption_data("test", n_test, seed=data_seed, image_size=image_size)
     out: dict[str, float] = {}
     for prefix, ivs in [("", []), ("blind_", None)] if blind else [("", [])]:
@@ -284,7 +128,7 @@ def measure(adapter: Any, task: str, *, n_test: int = 512, data_seed: int = 0, i
         for i in range(0, len(samples), batch_size):
             chunk = [s.image for s in samples[i : i + batch_size]]
             with intervene(adapter, adapter.mask_image_tokens(None) if ivs is None else ivs):
-                texts += adapter.caption(chunk, max_new_tokens=_max_new(adapter))["text"]
+                texts += adapter.caption(chunk)["text"]
         out.update({prefix + k: v for k, v in caption_metrics(texts, samples).items()})
     return out
 
@@ -301,10 +145,6 @@ def quality(task: str, metrics: dict[str, float], note: str = "") -> dict[str, A
     return {"bar": bar, "met": met, "note": "" if met else note}
 
 
-def _max_new(adapter: Any) -> int:
-    return 90 if adapter.name in ("prefix-vlm", "mmca") else 24
-
-
 def _round_trip_dtype(adapter: Any, dtype: str) -> None:
     """Round the weights through `dtype` in place, so that the metrics are those of what is saved."""
     if dtype == "float32":
@@ -316,15 +156,21 @@ def _round_trip_dtype(adapter: Any, dtype: str) -> None:
 
 
 def train_family(name: str, out: str | Path | None = None, *, steps: int | None = None, seed: int | None = None,
-                 n_test: int | None = None, n_train: int | None = None,
-                 progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train `name` from its recipe; write the checkpoint and ``card.json`` to `out` if given.
+                 n_test: int | None = None, n_train: int | None = None, progress: bool = True,
+                 force: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train `name` from its recipe; write the checkpoint and ``card.json`` to `out` if given (an
+    existing non-empty `out` is refused before training unless `force`).
 
     Returns (adapter, card). `steps`, `seed`, `n_test` and `n_train` override the recipe (short
     runs in tests).
     """
     if name not in RECIPES:
-        raise KeyError(f"no zoo recipe for {name!r}; known: {', '.join(RECIPES)}")
+        raise ProbeError(f"no zoo recipe for {name!r}; known: {', '.join(RECIPES)}")
+    for what, v in (("steps", steps), ("n_test", n_test), ("n_train", n_train)):
+        if v is not None and v < 1:
+            raise ProbeError(f"{what} must be >= 1, got {v}")
+    if out is not None:
+        check_output(out, force)
     r = RECIPES[name]
     over = {"steps": steps, "seed": seed, "n_test": n_test, "n_train": n_train}
     if any(v is not None for v in over.values()):
@@ -334,10 +180,10 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
     t0 = time.perf_counter()
     model = adapter.model
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = _batches(r.n_train, r.batch_size, r.steps, r.seed)
+    batches = epoch_batches(r.n_train, r.batch_size, r.steps, r.seed)
     if r.task == "classify":
         data = classification_data("train", r.n_train, seed=r.data_seed, image_size=r.image_size)
-        x = adapter.preprocess([_pil(a) for a in data.images])["pixel_values"]
+        x = adapter.preprocess([Image.fromarray(a) for a in data.images])["pixel_values"]
         y = torch.from_numpy(data.labels)
 
         def loss_at(step: int) -> torch.Tensor:
@@ -347,7 +193,7 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
         samples = caption_data("train", r.n_train, seed=r.data_seed, image_size=r.image_size)
         x = torch.cat([adapter.preprocess([s.image for s in samples[i : i + 512]])["pixel_values"]
                        for i in range(0, len(samples), 512)])
-        text = _encode(adapter, [s.caption for s in samples])
+        text = adapter.encode_captions([s.caption for s in samples])
 
         def loss_at(step: int) -> torch.Tensor:
             idx = torch.from_numpy(batches[step])
@@ -355,7 +201,7 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
             return caption_loss(adapter, batch)
 
     model.train()
-    losses = _train_loop(params, r.steps, r.lr, loss_at, f"zoo {name}", progress)
+    losses = fit(params, r.steps, loss_at, lr=r.lr, desc=f"zoo {name}", progress=progress)
     model.eval()
     seconds = time.perf_counter() - t0
     _round_trip_dtype(adapter, r.dtype)
@@ -374,40 +220,20 @@ def train_family(name: str, out: str | Path | None = None, *, steps: int | None 
     }
     log.info("%s: %s", name, metrics)
     if out is not None:
-        save_checkpoint(adapter, Path(out), info)
+        save_checkpoint(adapter, Path(out), info, force=force)
     return adapter, info
 
 
-def _pil(a: np.ndarray) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(a)
-
-
-def _encode(adapter: Any, captions: list[str]) -> dict[str, torch.Tensor]:
-    if hasattr(adapter, "encode_captions"):
-        return adapter.encode_captions(captions)
-    return {"input_ids": adapter.tokenizer.batch(captions)}
-
-
-def save_checkpoint(adapter: Any, folder: Path, info: dict[str, Any]) -> Path:
-    """Write the adapter's checkpoint (weights in ``info['weights_dtype']``) plus ``card.json``, atomically."""
-    from probe.io import atomic_dir
-
+def save_checkpoint(adapter: Any, folder: Path, info: dict[str, Any], *, force: bool = False) -> Path:
+    """Write the adapter's checkpoint (weights in ``info['weights_dtype']``) plus ``card.json``,
+    atomically; an existing non-empty `folder` is replaced only with `force`."""
     dtype = getattr(torch, info.get("weights_dtype", "float32"))
     model = adapter.model
     original = next(model.parameters()).dtype
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, force=force) as tmp:
         model.to(dtype)
         try:
-            if hasattr(adapter, "save_pretrained"):
-                adapter.save_pretrained(tmp / "ckpt")
-            elif hasattr(adapter, "save"):
-                adapter.save(tmp / "ckpt")
-            else:
-                from probe.models.vit import save_vit
-
-                save_vit(model, tmp / "ckpt")
+            adapter.save(tmp / "ckpt")
         finally:
             model.to(original)
         for p in (tmp / "ckpt").iterdir():
@@ -437,16 +263,13 @@ def markdown_table() -> str:
         main = ", ".join(f"{k} {v:.1%}" for k, v in m.items() if not k.startswith("blind_"))
         blind = ", ".join(f"{k[6:]} {v:.1%}" for k, v in m.items() if k.startswith("blind_")) or "-"
         lines.append(f"| {name} | {c['task']} | {main} | {blind} | {c['parameters']:,} | {c['steps']} | "
-                     f"{c['wall_seconds']:.0f} ({c['threads']}) | {size_bytes(demo_path(name)) / 1e6:.2f} |")
+                     f"{c['wall_seconds']:.0f} ({c['threads']}) | {size_bytes(ZOO_DIR / name) / 1e6:.2f} |")
     return "\n".join(lines)
 
 
 def add_check(folder: str | Path) -> dict[str, Any]:
     """Load the checkpoint in `folder` through the public API, measure it on the first `CHECK_N`
     test images and write that to its card as ``check`` (cards made before the field existed)."""
-    from probe import registry
-    from probe.io import atomic_write_text
-
     folder = Path(folder)
     info = json.loads((folder / CARD).read_text())
     a = registry.load_model(info["name"], weights=str(folder))

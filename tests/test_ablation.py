@@ -10,6 +10,8 @@ import torch
 from probe import registry
 from probe.analyses import ablation
 from probe.capture import capture, intervene
+from probe.data import ImageSet
+from probe.data.metrics import caption_metrics
 from probe.data.shapes import iter_split
 from probe.models.blip import BlipAdapter
 from probe.models.git import GitAdapter
@@ -34,6 +36,18 @@ def samples():
     return list(iter_split("test", 3))
 
 
+ABLATION = ablation.Ablation()
+
+
+def shapes_set(samples) -> ImageSet:
+    names = [f"s{s.index}" for s in samples]
+    return ImageSet([s.image for s in samples], names, names, masks=[s.masks for s in samples], samples=samples)
+
+
+def image_span(a, images) -> tuple[int, int]:
+    return a.input_meta(a.preprocess(images[:1])).spans["image"]
+
+
 def test_patches_under_by_hand():
     mask = np.zeros((8, 8), dtype=bool)
     mask[0:2, 5] = True  # top row of patches, third column of a 4x4 grid of 2-px patches
@@ -48,7 +62,7 @@ def test_patches_under_by_hand():
 def test_region_variant_gives_removed_tokens_zero_attention_in_every_layer(name, adapters, samples):
     a = adapters[name]
     images = [s.image for s in samples]
-    variants = ablation.build_variants(a, "region", len(images), k=5, attended=None,
+    variants = ablation.build_variants(a, "region", len(images), k=5, span=image_span(a, images), attended=None,
                                        objects=[s.masks for s in samples])
     v = next(v for v in variants if v.name == "object:0")
     rows = [(v, i) for i in range(len(images))]
@@ -82,10 +96,8 @@ def test_blind_variant_makes_images_indistinguishable(name, adapters, samples):
 @pytest.mark.parametrize("name", list(TINY))
 def test_batched_sweep_equals_one_forward_per_variant(name, adapters, samples):
     a = adapters[name]
-    images = [s.image for s in samples]
-    kw = {"objects": [s.masks for s in samples], "truth": samples, "max_new_tokens": 6, "progress": False}
-    batched = ablation.run(a, images, batch_size=16, **kw)
-    loop = ablation.run(a, images, loop=True, **kw)
+    batched = ABLATION(a, shapes_set(samples), batch_size=16, max_new_tokens=6)
+    loop = ABLATION(a, shapes_set(samples), loop=True, max_new_tokens=6)
     assert [v["name"] for v in batched.variants] == [v["name"] for v in loop.variants]
     kinds = {v["kind"] for v in batched.variants}
     assert {"none", "blind", "region", "object", "object-random", "layer", "head"} <= kinds
@@ -128,23 +140,23 @@ def test_head_variant_zeroes_that_cross_attention_head_per_row(name, adapters, s
 def test_result_round_trips_through_the_store(adapters, samples, store_root):
     from probe.runs.store import RunStore
 
-    r = ablation.run(adapters["blip"], [s.image for s in samples], kind="layers", generate=False, progress=False)
-    run = RunStore(store_root).save({"analysis": "ablation", "model": {"name": "blip"}}, r, ablation.render(r))
+    r = ABLATION(adapters["blip"], [s.image for s in samples], kind="layers", generate=False)
+    run = RunStore(store_root).save({"analysis": "ablation", "model": {"name": "blip"}}, r, ABLATION.render(r))
     back = RunStore(store_root).load(run.id).result
     assert back.variants == r.variants
     torch.testing.assert_close(back.arrays["ablation.logprob"], r.arrays["ablation.logprob"])
 
 
 def test_unknown_kind_and_classifier_are_refused(adapters, samples):
-    with pytest.raises(ValueError, match="unknown ablation kind"):
-        ablation.run(adapters["git"], [samples[0].image], kind="everything", progress=False)
-    assert "captioner" in ablation.check(registry.model_entry("vit-standard").capabilities)
+    with pytest.raises(ValueError, match="--kind 'everything': choose one of"):
+        ABLATION(adapters["git"], [samples[0].image], kind="everything")
+    assert "caption" in ABLATION.check("vit-standard", registry.model_entry("vit-standard").capabilities)
 
 
 def test_cli_runs_the_default_suite_on_probe_shapes(tmp_path, store_root, capsys):
     from probe.cli import main
 
-    folder = BlipAdapter.tiny(seed=2, image_size=64).save_pretrained(tmp_path / "blip")
+    folder = BlipAdapter.tiny(seed=2, image_size=64).save(tmp_path / "blip")
     rc = main(["run", "ablation", "--model", "blip", "--weights", str(folder), "--shapes", "3",
                "--max-new-tokens", "5"])
     assert rc == 0
@@ -160,17 +172,14 @@ def test_on_the_zoo_captioner_blind_falls_to_the_prior_and_objects_matter(name):
     """Bundled probe-shapes captioner, 48 test images: blind captions are one image-independent
     caption (so accuracy is that of a text-only guess), and removing an object's patches loses its
     colour+shape words more often than removing as many random patches."""
-    from probe import zoo
-
     a = registry.load_model(name, weights="demo")
     samples = list(iter_split("test", 48))
-    r = ablation.run(a, [s.image for s in samples], kind="region", objects=[s.masks for s in samples],
-                     truth=samples, progress=False)
+    r = ABLATION(a, shapes_set(samples), kind="region")
     names = [v["name"] for v in r.variants]
-    blind = ablation.run(a, [s.image for s in samples], kind="blind", truth=samples, progress=False)
+    blind = ABLATION(a, shapes_set(samples), kind="blind")
     blind_caps = blind.captions[[v["name"] for v in blind.variants].index("blind")]
     assert len(set(blind_caps)) == 1
-    best_constant = max(zoo.caption_metrics([c] * len(samples), samples)["exact"] for c in {s.caption for s in samples})
+    best_constant = max(caption_metrics([c] * len(samples), samples)["exact"] for c in {s.caption for s in samples})
     assert blind.accuracy["blind"]["exact"] <= best_constant
     assert r.accuracy["none"]["exact"] > 0.5
     lost = r.object_words

@@ -89,10 +89,10 @@ def test_objects_are_listed_in_reading_order():
 def test_bundled_images_are_probe_shapes_test_samples():
     import numpy as np
 
-    from probe.cli import bundled_images
     from probe.data import open_rgb
+    from probe.data.sets import BUNDLED_IMAGES
 
-    paths = bundled_images()
+    paths = sorted(BUNDLED_IMAGES.glob("*.png"))
     samples = list(iter_split("test", len(paths)))
     assert [p.name for p in paths] == [f"shapes_test_{s.index:03d}.png" for s in samples]
     for p, s in zip(paths, samples, strict=True):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from probe import registry, zoo
+from probe.data.metrics import caption_metrics, largest_object
 from probe.data.shapes import iter_split
 
 MAX_BYTES = 25 * 1024 * 1024
@@ -49,22 +50,22 @@ def test_auto_resolves_to_the_bundled_weights(caplog):
     assert a.weights.source == "demo"
 
 
-def test_largest_label_ignores_ties():
+def test_largest_object_ignores_ties():
     from probe.data.shapes import ShapeObject
 
     objs = (ShapeObject("square", "red", "large", (0, 0, 3, 3)), ShapeObject("square", "blue", "large", (5, 5, 8, 8)))
     masks = np.zeros((2, 10, 10), dtype=bool)
     masks[0, :4, :4] = masks[1, 5:9, 5:9] = True
-    assert zoo.largest_label(masks, objs) is None
+    assert largest_object(masks, objs) is None
     masks[1, 8, 8] = False
-    assert zoo.largest_label(masks, objs) == "red square"
+    assert largest_object(masks, objs) == 0 and (objs[0].colour, objs[0].shape) == ("red", "square")
 
 
 def test_caption_metrics_by_hand():
     s = next(iter_split("test", 1))
-    assert zoo.caption_metrics([s.caption], [s])["exact"] == 1.0
+    assert caption_metrics([s.caption], [s])["exact"] == 1.0
     first = s.objects[0]
-    m = zoo.caption_metrics([f"a {first.size} {first.colour} {first.shape}"], [s])
+    m = caption_metrics([f"a {first.size} {first.colour} {first.shape}"], [s])
     assert m["objects"] == pytest.approx(1 / len(s.objects))
 
 
@@ -72,14 +73,14 @@ def test_caption_metrics_by_hand():
 def test_a_short_training_run_lowers_the_loss(name, monkeypatch, tmp_path):
     torch.manual_seed(0)
     seen: list[list[float]] = []
-    real = zoo._train_loop
+    real = zoo.fit
 
     def spy(*a, **k):
         losses = real(*a, **k)
         seen.append(losses)
         return losses
 
-    monkeypatch.setattr(zoo, "_train_loop", spy)
+    monkeypatch.setattr(zoo, "fit", spy)
     _, info = zoo.train_family(name, tmp_path / name, steps=30, n_train=256, n_test=16, progress=False)
     losses = seen[0]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])

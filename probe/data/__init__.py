@@ -2,8 +2,10 @@
 
 from probe.data.images import (
     IMAGE_SUFFIXES,
+    DatasetError,
     ImageDataset,
     ImageLoadError,
+    ImageTooLargeError,
     image_paths,
     images_to_tensor,
     images_to_uint8,
@@ -11,14 +13,19 @@ from probe.data.images import (
     load_image_folder,
     load_images,
     load_labelled,
+    max_image_pixels,
     open_rgb,
     to_rgb,
 )
+from probe.data.sets import ImageSet
 
 __all__ = [
+    "ImageSet",
     "IMAGE_SUFFIXES",
+    "DatasetError",
     "ImageDataset",
     "ImageLoadError",
+    "ImageTooLargeError",
     "image_paths",
     "images_to_tensor",
     "images_to_uint8",
@@ -26,6 +33,7 @@ __all__ = [
     "load_image_folder",
     "load_images",
     "load_labelled",
+    "max_image_pixels",
     "open_rgb",
     "to_rgb",
 ]

@@ -1,0 +1,181 @@
+"""One pipeline for every run: resolve the model, check it, load it, run, render, save.
+
+``execute(RunSpec(...))`` is what ``probe run``, the bench scripts and scripts call; nothing else
+re-implements it. Everything that can be refused is refused before any weights load: an unknown
+analysis or model, parameters out of range, a model whose capabilities the analysis cannot use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from probe import registry
+from probe.analysis import Analysis, to_params
+from probe.data import ImageSet
+from probe.runs.results import Result
+from probe.runs.store import Run, RunStore
+from probe.types import ProbeError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_SHAPES = 16
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run.
+
+    Attributes:
+        analysis: registered analysis name.
+        model: registered model name; None: the analysis's default (the registry's default model
+            for its task). For analyses over many models: ``all`` or ``a,b,c``.
+        weights: ``auto | pretrained | demo | random | meta | hub id | folder``.
+        images: image files or folders; empty: `shapes` probe-shapes test images if given, else
+            the analysis's default (the bundled samples, or 16 probe-shapes test images).
+        shapes: run on this many probe-shapes test images (with masks and ground truth).
+        device: ``cpu``, ``cuda`` or ``auto``; dtype: ``float32``, ``float16`` or ``bfloat16``.
+        params: the analysis's parameters by name (validated against its `Params`).
+        store: run store folder (None: ``$PROBE_STORE`` or ``./probe-runs``); save: write the run.
+    """
+
+    analysis: str
+    model: str | None = None
+    weights: str = "auto"
+    images: Sequence[str | Path] = ()
+    shapes: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    params: Mapping[str, Any] | Any = field(default_factory=dict)
+    store: str | Path | None = None
+    save: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished run: its result, figures, manifest, summary lines and the saved `Run` (or None)."""
+
+    result: Result
+    figures: dict[str, Figure]
+    manifest: dict[str, Any]
+    lines: list[str]
+    run: Run | None
+    adapters: list[Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    analysis: Analysis
+    params: Any
+    models: list[str]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise ProbeError(f"--device {name!r}: use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def plan(spec: RunSpec) -> Plan:
+    """Everything that can be checked without loading weights: the analysis, its parameters, the
+    model names and their capabilities."""
+    analysis = registry.analysis(spec.analysis)
+    params = to_params(analysis.Params, spec.params)
+    if spec.dtype not in DTYPES:
+        raise ProbeError(f"--dtype {spec.dtype!r}: use {', '.join(DTYPES)}")
+    if not 0 <= spec.seed < 2**63:
+        raise ProbeError(f"--seed {spec.seed}: use an integer in [0, 2**63)")
+    if spec.shapes is not None and spec.shapes < 1:
+        raise ProbeError(f"--shapes {spec.shapes}: give at least one image")
+    if not analysis.reads_images and (spec.images or spec.shapes):
+        raise ProbeError(f"{analysis.name} reads no images; drop --images/--shapes")
+    if not spec.weights:
+        raise ProbeError("--weights is empty: use auto, pretrained, demo, random, meta, a hub id or a folder")
+    if analysis.many_models:
+        if spec.model in (None, "all"):
+            names = [n for n, e in registry.models(analysis.task).items() if not analysis.check(n, e.capabilities)]
+        else:
+            names = [m.strip() for m in spec.model.split(",") if m.strip()]
+    else:
+        names = [spec.model or registry.default_model(analysis.task or analysis.default_task)]
+    for name in names:
+        why = analysis.check(name, registry.model_entry(name).capabilities)
+        if why:
+            raise ProbeError(why)
+    return Plan(analysis, params, names)
+
+
+def inputs_for(analysis: Analysis, spec: RunSpec) -> ImageSet | None:
+    """The images of a run (see `RunSpec.images`)."""
+    if not analysis.reads_images:
+        return None
+    if spec.images:
+        return ImageSet.from_paths(list(spec.images))
+    if spec.shapes is not None or analysis.default_images == "shapes":
+        return ImageSet.shapes(spec.shapes or DEFAULT_SHAPES)
+    return ImageSet.bundled()
+
+
+def execute(spec: RunSpec) -> Outcome:
+    """Run `spec` end to end and save it (unless ``spec.save`` is False); see the module docstring."""
+    p = plan(spec)
+    analysis, params = p.analysis, p.params
+    device, dtype = resolve_device(spec.device), DTYPES[spec.dtype]
+    inputs = inputs_for(analysis, spec)
+    torch.manual_seed(spec.seed)
+    weights = analysis.weights_for(params, spec.weights)
+    t0 = time.perf_counter()
+    adapters = [registry.load_model(n, weights=weights, seed=spec.seed, device=device, dtype=dtype) for n in p.models]
+    t_load = time.perf_counter() - t0
+    for a in adapters:
+        w = a.weights
+        log.info("model %s, weights: %s %s (sha256 %s)", a.name, w.source, w.ref, (w.sha256 or "")[:12])
+        if w.source == "random":
+            log.warning("%s has RANDOM weights: results show the architecture, not learned behaviour", a.name)
+        if w.source != "meta":
+            why = analysis.check_hooks(a.name, a.hook_specs())
+            if why:
+                raise ProbeError(why)
+    t1 = time.perf_counter()
+    result = analysis.run(adapters if analysis.many_models else adapters[0], inputs, params)
+    t_run = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    figures = analysis.render(result)
+    t_render = time.perf_counter() - t2
+    manifest = _manifest(spec, p, adapters, inputs, weights, device,
+                         {"load": t_load, "run": t_run, "render": t_render})
+    run = RunStore(spec.store).save(manifest, result, figures) if spec.save else None
+    return Outcome(result, figures, manifest, analysis.summary_lines(result), run, adapters)
+
+
+def _manifest(spec: RunSpec, p: Plan, adapters: list[Any], inputs: ImageSet | None, weights: str,
+              device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+    one = adapters[0]
+    model = one.describe() if len(adapters) == 1 else {"name": "+".join(p.models),
+                                                       "models": [a.describe() for a in adapters]}
+    return {
+        "analysis": p.analysis.name,
+        "model": model,
+        "weights": one.weights.to_dict() if len(adapters) == 1 else {a.name: a.weights.to_dict() for a in adapters},
+        "weights_requested": weights,
+        "attn_implementation": one.attn_implementation,
+        "dtype": spec.dtype,
+        "device": str(device),
+        "seed": spec.seed,
+        "images": inputs.sources if inputs is not None else [],
+        "parameters": asdict(p.params),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }

@@ -69,8 +69,6 @@ class Flow(Analysis):
         keys = max(p.shape[3] for p in rows_parts)
         rows = torch.cat([torch.nn.functional.pad(p, (0, keys - p.shape[3], 0, steps - p.shape[2]))
                           for p in rows_parts])
-        for i, t in enumerate(tokens):  # rows past a caption's end (after <eos>) carry padding steps: zero them
-            rows[i, :, len(t) :] = 0
         joint = adapter.capabilities.joint_attention
         lo, hi = meta.spans["image"]
         c0, c1 = meta.spans.get("cls", (lo, lo))

@@ -31,6 +31,7 @@ table = [
         "model": r.manifest.get("model", {}).get("name", "?"),
         "weights": r.manifest.get("weights", {}).get("source", "?"),
         "created": r.manifest.get("created", ""),
+        "status": r.status if r.status == "ok" else f"broken: {r.problem}",
     }
     for r in runs
 ]
@@ -38,6 +39,9 @@ st.dataframe(table, hide_index=True, width="stretch")
 
 choice = st.selectbox("Run", [r.id for r in runs])
 run = next(r for r in runs if r.id == choice)
+if run.status != "ok":
+    st.error(f"Run {run.id} is broken: {run.problem}. Delete it with `probe runs --delete {run.id}`.")
+    st.stop()
 m = run.manifest
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("analysis", m.get("analysis", "?"))

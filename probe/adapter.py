@@ -21,6 +21,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from torch import nn
 from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
 from probe.capture.cache import ActivationCache
 from probe.capture.engine import capture
-from probe.capture.generation import generate_and_capture, generated_tokens
+from probe.capture.generation import capture_generation, generated_tokens
 from probe.data import to_rgb
 from probe.io import atomic_dir
 from probe.types import (
@@ -369,10 +371,27 @@ class Captioner(ModelAdapter):
         """
         px = self.preprocess(images)["pixel_values"]
         n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        caps, cache = generate_and_capture(self, px, lambda: self._generate(px, n, 1, **generate_kwargs),
-                                           self._decode, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device)
+        with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
+            caps = self._decode(self._generate(px, n, 1, **generate_kwargs))
         cache.meta = self._meta(caps["ids"].shape[1], caps["tokens"])
+        cache.step_lengths = [len(t) for t in caps["tokens"]]
         return caps, cache
+
+    def word_steps(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """The words of a generated caption, each with the generation steps that produced it.
+
+        `ids`: one row of ``caption(...)["ids"]`` (the new tokens; step k produced ``ids[k]``).
+        Words are whitespace-separated pieces of the decoded text; a word's steps are those whose
+        token added characters to it (one step per word for word-level tokenizers, one per letter
+        for our character captioners, several for sub-word pieces). Found by decoding every prefix
+        with the model's own decoder, so it holds for any tokenizer.
+        """
+        kept = generated_tokens(torch.as_tensor([list(ids)]), self.specials.eos, self.specials.pad, list)[0]
+        text = self._text(kept)
+        ends = [len(os.path.commonprefix([self._text(kept[: k + 1]), text])) for k in range(len(kept))]
+        starts = [0, *ends[:-1]]
+        return [(m.group(), [k for k in range(len(kept)) if starts[k] < m.end() and ends[k] > m.start()])
+                for m in re.finditer(r"\S+", text)]
 
     def input_meta(self, batch: dict[str, torch.Tensor]) -> InputMeta:
         ids = batch.get("input_ids")

@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import probe.analyses  # noqa: F401  (registers the analyses)
 from probe import registry, zoo
@@ -156,6 +160,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     for r in runs:
         m = r.manifest
+        if r.status != "ok":
+            print(f"{r.id}  BROKEN: {r.problem} (probe runs --delete {r.id})")
+            continue
         print(f"{r.id}  {m.get('analysis', '?'):<10} {m.get('model', {}).get('name', '?'):<16} {m.get('created', '')}")
     return 0
 
@@ -231,27 +238,36 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data_shapes,
+                "train": cmd_train_vit}
     try:
-        if args.command == "models":
-            return cmd_models(args)
-        if args.command == "runs":
-            return cmd_runs(args)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "zoo":
-            return cmd_zoo(args)
-        if args.command == "data":
-            return cmd_data_shapes(args)
-        if args.command == "train":
-            return cmd_train_vit(args)
-    except (ProbeError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("probe: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    except Exception as e:
         if args.debug:
             raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"probe: error: {msg}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
+        print(f"probe: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
+
+
+#: errors whose message is for the user (project errors, bad files and values); anything else is a bug
+USER_ERRORS = (ProbeError, ImageLoadError, OSError, ValueError, KeyError, SafetensorError)
+
+
+def _one_line(e: BaseException) -> str:
+    """A one-line message; an unexpected error also saves its traceback to a file and names it."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(msg.split()) or type(e).__name__
+    if isinstance(e, SafetensorError):
+        msg = f"a safetensors file is corrupt or truncated ({msg}); re-save or re-download it"
+    if isinstance(e, USER_ERRORS):
+        return msg
+    fd, path = tempfile.mkstemp(prefix="probe-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(e, file=f)
+    return f"unexpected {type(e).__name__}: {msg} (a bug: the traceback is in {path}; --debug shows it)"
 
 
 if __name__ == "__main__":

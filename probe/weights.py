@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -172,7 +173,7 @@ def _random(build: Callable[[bool], T], seed: int, note: str) -> tuple[T, Weight
 def _folder(load: Callable[[str, bool], T], folder: Path, source: str, seed: int) -> tuple[T, WeightsInfo]:
     cfg = folder / "config.json"
     if cfg.is_file():
-        refuse_remote_code(json.loads(cfg.read_text()), str(folder))
+        refuse_remote_code(read_json(cfg), str(folder))
     files = sorted(folder.glob("*.safetensors"))
     pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if not files and pickles:
@@ -181,8 +182,25 @@ def _folder(load: Callable[[str, bool], T], folder: Path, source: str, seed: int
             "them where you trust them, e.g. `python -c \"import torch; from safetensors.torch import save_file; "
             f"save_file(torch.load('{pickles[0]}', weights_only=True), 'model.safetensors')\"` in that folder")
     torch.manual_seed(seed)
-    obj = load(str(folder), True)
+    try:
+        obj = load(str(folder), True)
+    except SafetensorError as e:
+        raise CheckpointError(f"{folder}: a .safetensors file is corrupt or truncated ({e}); re-save it") from None
+    except (TypeError, AttributeError, json.JSONDecodeError) as e:  # a config of the wrong shape
+        raise CheckpointError(f"{folder}: config.json does not describe a model of this family "
+                              f"({type(e).__name__}: {e})") from None
     return obj, WeightsInfo(source, str(folder.resolve()), files_sha256(files))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; invalid JSON or another type is a one-line error naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _hub(load: Callable[[str, bool], T], ref: str, seed: int, tried: list[str]) -> tuple[T, WeightsInfo] | None:
@@ -264,7 +282,7 @@ def read_checkpoint(folder: str | Path, kind: str, *files: str) -> tuple[dict[st
     if not all((folder / n).is_file() for n in need):
         raise WeightsNotFound(f"{folder} is not a {kind} checkpoint: expected {', '.join(need)} "
                               "(written by adapter.save)")
-    meta = json.loads((folder / "config.json").read_text())
+    meta = read_json(folder / "config.json")
     if meta.get("probe_model") != kind:
         raise CheckpointError(f"{folder} holds a {meta.get('probe_model')!r} checkpoint, not {kind!r}")
     return meta, load_file(str(folder / "model.safetensors"))

@@ -24,3 +24,14 @@ def test_app_empty_store(store_root):
     at = AppTest.from_file(APP, default_timeout=30).run()
     assert not at.exception
     assert "No runs" in at.info[0].value
+
+
+def test_app_shows_a_broken_run_as_broken(store_root):
+    assert main(["run", "attention", "--weights", "random"]) == 0
+    bad = store_root / "20990101-000000-broken-run"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("[1, 2]")  # valid JSON, wrong shape
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    at.selectbox[0].set_value(bad.name).run()
+    assert not at.exception and at.error and "broken" in at.error[0].value

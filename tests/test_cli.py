@@ -105,3 +105,51 @@ def test_train_then_analyse_checkpoint(tmp_path, store_root, capsys):
     # a checkpoint of another kind is refused with the right model name
     assert main(["run", "attention", "--model", "vit-standard", "--weights", str(ckpt), "--images", str(img)]) == 2
     assert "load it as vit-nystrom" in capsys.readouterr().err
+
+
+def test_broken_checkpoints_are_one_line_errors_naming_the_folder(store_root, tmp_path, capsys):
+    import shutil
+
+    from probe.weights import ZOO_DIR
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ZOO_DIR / "vit-standard", ckpt)
+    good = (ckpt / "model.safetensors").read_bytes()
+    cases = [
+        (lambda: (ckpt / "model.safetensors").write_bytes(good[:3000]), "corrupt or truncated"),
+        (lambda: (ckpt / "config.json").write_text("{bad json"), "is not valid JSON"),
+        (lambda: (ckpt / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
+    ]
+    for damage, what in cases:
+        damage()
+        assert main(["run", "attention", "--model", "vit-standard", "--weights", str(ckpt)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and what in err and "ckpt" in err, err
+    assert RunStore(store_root).list() == []
+
+
+def test_an_unexpected_error_is_one_line_and_a_saved_traceback(monkeypatch, capsys):
+    import probe.cli
+
+    def boom(args):
+        raise RuntimeError("something deep broke")
+
+    monkeypatch.setattr(probe.cli, "cmd_models", boom)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RuntimeError: something deep broke" in err
+    path = err.split("the traceback is in ")[1].split(";")[0]
+    assert "Traceback" in open(path).read()
+
+
+def test_bad_values_are_refused_before_any_work(store_root, capsys):
+    for argv, flag in [(["run", "ablation", "--batch-size", "0"], "--batch-size"),
+                       (["run", "ablation", "--k", "-4"], "--k"),
+                       (["run", "flow", "--top-k", "-3"], "--top-k"),
+                       (["run", "ca-params", "--text-tokens", "-5"], "--text-tokens"),
+                       (["run", "attention", "--weights", ""], "--weights"),
+                       (["run", "attention", "--shapes", "0"], "--shapes")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err, (argv, err)
+    assert RunStore(store_root).list() == []

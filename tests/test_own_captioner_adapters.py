@@ -168,3 +168,29 @@ def test_checkpoint_errors_name_the_folder(adapter, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(WeightsNotFound, match="no published weights"):
         load_model("mmca", weights="pretrained")
+
+
+@pytest.mark.parametrize("name", list(registry.models(task="caption")))
+def test_word_steps_align_caption_words_with_generation_steps(name):
+    """Issue 17.9: each word of a caption with the steps that produced it (a word per step for
+    word tokenizers, a letter per step for our char models), and padded steps zeroed in stacks."""
+    samples = [s for s in iter_split("test", 12, seed=0, image_size=64)][:3]
+    a = load_model(name, weights="demo")
+    caps, cache = a.generate_with_cache([s.image for s in samples], a.flow_hook.format(i=0), reduce="mean")
+    for i, text in enumerate(caps["text"]):
+        words = a.word_steps(caps["ids"][i].tolist())
+        assert [w for w, _ in words] == text.split()
+        tokens = caps["tokens"][i]
+        for w, steps in words:
+            assert steps == sorted(steps) and steps
+            joined = "".join(tokens[k] for k in steps).replace("##", "").replace("Ġ", "")
+            assert joined.replace(" ", "") == w, (w, [tokens[k] for k in steps])
+        if a.capabilities.family in ("prefix-vlm", "mmca"):
+            assert all(len(steps) == len(w) for w, steps in words)
+        else:
+            assert all(len(steps) == 1 for w, steps in words)
+    rows = cache.stack_calls(a.flow_hook.format(i=0))  # (b, 1, steps, keys)
+    for i, toks in enumerate(caps["tokens"]):
+        assert rows[i, :, len(toks):].abs().max() == 0 if rows.shape[2] > len(toks) else True
+        assert rows[i, :, : len(toks)].sum() > 0
+    assert cache.meta.spans["text"][1] - cache.meta.spans["text"][0] == caps["ids"].shape[1]

@@ -16,7 +16,7 @@ from probe.capture.engine import (
     reduce_heads,
     select_batch,
 )
-from probe.capture.generation import capture_generation, generate_and_capture, generated_tokens
+from probe.capture.generation import capture_generation, generated_tokens
 
 __all__ = [
     "ActivationCache",
@@ -29,7 +29,6 @@ __all__ = [
     "ZeroHeads",
     "capture",
     "capture_generation",
-    "generate_and_capture",
     "generated_tokens",
     "intervene",
     "record_outputs",

@@ -26,6 +26,8 @@ class ActivationCache:
         self.specs: dict[str, HookSpec] = {}
         self.meta: InputMeta | None = None
         self.selection: dict[str, object] = {}
+        #: generation captures: per batch element, how many steps produced a token (the rest is padding)
+        self.step_lengths: list[int] | None = None
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self._data.setdefault(name, []).append(value)
@@ -46,13 +48,20 @@ class ActivationCache:
     def stack_calls(self, name: str, dim: int = 2) -> torch.Tensor:
         """Concatenate every call of `name` along `dim` (the query dim of a pattern), zero-padding
         the last dim to the longest call: generation steps' (b, h, 1, keys_k) rows ->
-        (b, h, steps, max keys). Keys that did not exist yet at a step are 0."""
+        (b, h, steps, max keys). Keys that did not exist yet at a step are 0, and so are the steps
+        after each caption's end (`step_lengths`, set by generation capture)."""
         calls = self.calls(name)
         if not calls:
             raise KeyError(f"{name!r} was not captured; the cache holds {', '.join(self._data) or 'nothing'}")
         n = max(c.shape[-1] for c in calls)
         padded = [torch.nn.functional.pad(c, (0, n - c.shape[-1])) for c in calls]
-        return torch.cat(padded, dim=dim)
+        out = torch.cat(padded, dim=dim)
+        if self.step_lengths is not None and len(calls) > 1 and out.shape[0] == len(self.step_lengths):
+            # steps after a caption's end token only carry padding of the batch: zero them
+            done = torch.arange(out.shape[dim]).view(-1, *[1] * (out.dim() - dim - 1))
+            lengths = torch.tensor(self.step_lengths).view(-1, *[1] * (out.dim() - 1))
+            out = out * (done < lengths).to(out.dtype)
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._data

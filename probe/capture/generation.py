@@ -9,7 +9,6 @@ is the row (b, heads, 1, keys_k) that predicted generated token ``k``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -57,21 +56,3 @@ def generated_tokens(new: torch.Tensor, eos: int, pad: int, to_tokens: Callable[
             kept.pop()
         out.append(to_tokens(kept))
     return out
-
-
-def generate_and_capture(
-    adapter: Any,
-    pixel_values: torch.Tensor,
-    generate: Callable[[], torch.Tensor],
-    decode: Callable[[torch.Tensor], dict[str, Any]],
-    hooks: str | Sequence[str],
-    **capture_kwargs: Any,
-) -> tuple[dict[str, Any], ActivationCache]:
-    """Run `generate()` (-> new token ids (b, steps)) under `capture_generation`, decode the
-    captions with `decode`, and set ``cache.meta`` to the adapter's metadata with the generated
-    tokens. The shared body of every captioner's ``generate_with_cache``."""
-    with capture_generation(adapter, hooks, **capture_kwargs) as cache:
-        new = generate()
-    caps = decode(new)
-    cache.meta = dataclasses.replace(adapter.input_meta({"pixel_values": pixel_values}), tokens=caps["tokens"])
-    return caps, cache

@@ -4,21 +4,8 @@ An analysis declares what it needs (a task such as ``caption``, hook globs, imag
 parameters as a frozen dataclass whose fields carry their help text and bounds (`param`). The CLI
 flags are generated from that dataclass and validated at the edge (`validate`), so every analysis
 gets the same checks; the pipeline (`probe.pipeline.execute`) checks the model's capabilities
-before any weights load, then calls `run` and `render`. Register with `probe.registry.register_analysis`.
-
-Example (the shape of every analysis in ``analyses/``)::
-
-    @register_analysis
-    class Attention(Analysis):
-        name = "attention"
-        summary = "attention maps per layer"
-        requires = ("vision.blocks.*.attn.pattern",)
-
-        @dataclass(frozen=True)
-        class Params:
-            batch_size: int = param(8, "images per forward", min=1)
-
-        def run(self, adapter, inputs, params): ...
+before any weights load, then calls `run` and `render`. Register with
+`probe.registry.register_analysis`; ``analyses/attention.py`` is the shortest example.
 """
 
 from __future__ import annotations

@@ -305,12 +305,7 @@ class WeightsInfo:
 
 # name templates used in code (``{i}`` = block index)
 VISION_PATTERN = "vision.blocks.{i}.attn.pattern"
-VISION_Z = "vision.blocks.{i}.attn.z"
-VISION_RESID_POST = "vision.blocks.{i}.resid_post"
 VISION_OUTPUT = "vision.output"
 TEXT_PATTERN = "text.blocks.{i}.attn.pattern"
 TEXT_XATTN_PATTERN = "text.blocks.{i}.xattn.pattern"
-TEXT_Z = "text.blocks.{i}.attn.z"
-TEXT_XATTN_Z = "text.blocks.{i}.xattn.z"
-TEXT_RESID_POST = "text.blocks.{i}.resid_post"
 FUSION_PROJ = "fusion.proj"

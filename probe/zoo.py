@@ -39,7 +39,7 @@ from probe.capture import intervene
 from probe.data import ImageDataset
 from probe.data.metrics import caption_metrics, classify_classes, largest_object
 from probe.data.shapes import ShapesSample, iter_split
-from probe.io import atomic_dir, atomic_write_text, check_output
+from probe.io import atomic_dir, check_output
 from probe.train import caption_loss, epoch_batches, evaluate_classifier, fit
 from probe.types import ProbeError, Recipe
 from probe.weights import ZOO_DIR
@@ -265,17 +265,3 @@ def markdown_table() -> str:
         lines.append(f"| {name} | {c['task']} | {main} | {blind} | {c['parameters']:,} | {c['steps']} | "
                      f"{c['wall_seconds']:.0f} ({c['threads']}) | {size_bytes(ZOO_DIR / name) / 1e6:.2f} |")
     return "\n".join(lines)
-
-
-def add_check(folder: str | Path) -> dict[str, Any]:
-    """Load the checkpoint in `folder` through the public API, measure it on the first `CHECK_N`
-    test images and write that to its card as ``check`` (cards made before the field existed)."""
-    folder = Path(folder)
-    info = json.loads((folder / CARD).read_text())
-    a = registry.load_model(info["name"], weights=str(folder))
-    n = min(CHECK_N, info["recipe"]["n_test"])
-    info["quality_bar"] = quality(info["task"], info["metrics"], RECIPES[info["name"]].extra.get("note", ""))
-    info["check"] = {"n_test": n, "metrics": measure(a, info["task"], n_test=n, data_seed=info["data_seed"],
-                                                     image_size=info["recipe"]["image_size"])}
-    atomic_write_text(folder / CARD, json.dumps(info, indent=2) + "\n")
-    return info

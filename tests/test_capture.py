@@ -162,3 +162,59 @@ def test_precomputed_stands_in_for_a_module_and_restores_it(vit, rgb_images):
     assert calls == [1] and vit.module("blocks.1") is block
     rows = select_batch(outs[0], torch.tensor([2, 0]), 3)
     torch.testing.assert_close(rows, outs[0][[2, 0]])
+
+
+def test_precomputed_and_bridges_are_safe_across_threads():
+    """Two threads stand in for the same vision tower with different outputs and leave at
+    different times, while a third runs the real model and captures BLIP's self-computed
+    attention: each sees its own, nothing stays installed."""
+    import threading
+
+    from probe.capture import Precomputed, record_outputs
+
+    a = load_model("blip", weights="demo")
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 30, 200))]
+    batch = a.preprocess(imgs, ["a red circle"] * 2)
+    with torch.no_grad(), record_outputs(a, "vision.output") as outs:
+        want = a.forward(batch)
+    swapped = outs[0].__class__(**{k: v.flip(0) for k, v in outs[0].items()})  # each row reads the other image
+    with torch.no_grad():
+        want_swapped = a.forward({k: v.flip(0) for k, v in batch.items()})  # same caption: rows read swapped images
+    tower = a.module("vision_model")
+    gate, later, errors, got = threading.Barrier(3), threading.Barrier(2), [], {}
+
+    def stand_in(key, out, hold):
+        try:
+            with torch.no_grad(), intervene(a, [Precomputed("vision.output", out)]):
+                gate.wait()
+                got[key] = a.forward(batch)
+                if hold:  # leave after the other stand-in has left
+                    later.wait()
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    def plain():
+        try:
+            gate.wait()
+            with torch.no_grad(), capture(a, "text.blocks.0.attn.pattern") as cache:
+                got["plain"] = a.forward(batch)
+            got["calls"] = len(cache.calls("text.blocks.0.attn.pattern"))
+            later.wait()
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=stand_in, args=("same", outs[0], True)),
+               threading.Thread(target=stand_in, args=("swapped", swapped, False)),
+               threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    torch.testing.assert_close(got["same"], want)
+    torch.testing.assert_close(got["swapped"], want_swapped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["plain"], want)
+    assert got["calls"] == 1
+    assert a.module("vision_model") is tower and sites.active_site_count() == 0

@@ -330,13 +330,13 @@ def _install_value_hook(module: nn.Module, spec: HookSpec, iv: ZeroHeads | Repla
 
 
 class _StandIn(nn.Module):
-    """Answers for a module while a `Precomputed` is active; other threads get the real module."""
+    """Answers for a module while `Precomputed` is active: each thread that installed an output
+    gets it; every other call runs the real module. One per module, shared by all threads."""
 
-    def __init__(self, output: Any, original: nn.Module) -> None:
+    def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        self.output = output
-        self.owner = threading.get_ident()
-        self.__dict__["original"] = original  # not a submodule: its parameters stay where they are
+        self.outputs: dict[int, Any] = {}
+        self.__dict__["original"] = original  # not a submodule: its parameters keep their names
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -345,27 +345,49 @@ class _StandIn(nn.Module):
             return getattr(self.__dict__["original"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() != self.owner:
+        output = self.outputs.get(threading.get_ident(), _StandIn)
+        if output is _StandIn:
             return self.__dict__["original"](*args, **kwargs)
-        return self.output(*args, **kwargs) if callable(self.output) else self.output
+        return output(*args, **kwargs) if callable(output) else output
 
 
-class _Restore:
-    def __init__(self, parent: nn.Module, name: str, original: nn.Module) -> None:
-        self.parent, self.name, self.original = parent, name, original
+class _Swap:
+    def __init__(self, parent: nn.Module, child: str, original: nn.Module) -> None:
+        self.parent, self.child, self.original = parent, child, original
 
     def remove(self) -> None:
-        self.parent._modules[self.name] = self.original
+        self.parent._modules[self.child] = self.original
 
 
-def _stand_in(adapter: HasHooks, spec: HookSpec, output: Any) -> _Restore:
+class _StandInHandle:
+    def __init__(self, stand: _StandIn, owner: int, handle: Any) -> None:
+        self.stand, self.owner, self.handle = stand, owner, handle
+
+    def remove(self) -> None:
+        self.stand.outputs.pop(self.owner, None)
+        self.handle.remove()
+
+
+def _stand_in(adapter: HasHooks, spec: HookSpec, output: Any) -> _StandInHandle:
     if spec.kind != "output" or not spec.module:
         raise ValueError(f"Precomputed needs an output hook on a submodule; {spec.name} is a {spec.kind} hook")
     parent_path, _, child = spec.module.rpartition(".")
     parent = adapter.module(parent_path) if parent_path else adapter.model
-    original = parent._modules[child]
-    parent._modules[child] = _StandIn(output, original)
-    return _Restore(parent, child, original)
+
+    def install() -> list[_Swap]:
+        original = parent._modules[child]
+        parent._modules[child] = _StandIn(original)
+        return [_Swap(parent, child, original)]
+
+    me = threading.get_ident()
+    with sites.LOCK:
+        handle = sites.refcounted(parent, f"stand-in:{child}", install)
+        stand = parent._modules[child]
+        if me in stand.outputs:
+            handle.remove()
+            raise ValueError(f"{spec.name} is already precomputed in this thread")
+        stand.outputs[me] = output
+    return _StandInHandle(stand, me, handle)
 
 
 def select_batch(value: Any, index: torch.Tensor, batch: int) -> Any:

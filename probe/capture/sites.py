@@ -17,6 +17,7 @@ one adapter can serve captures and interventions from several threads at once.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -133,7 +134,9 @@ _pattern_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, Pa
     weakref.WeakKeyDictionary()
 )
 _key_masks: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, KeyMaskFn]]] = weakref.WeakKeyDictionary()
-_next_id = 0
+#: guards every table here: threads attach and remove concurrently
+LOCK = threading.RLock()
+_ids = itertools.count(1)
 
 
 class SiteHandle:
@@ -146,18 +149,19 @@ class SiteHandle:
         module = self._module()
         if module is None:
             return
-        entries = self._table.get(module)
-        if entries is not None:
-            entries.pop(self._id, None)
-            if not entries:
-                del self._table[module]
+        with LOCK:
+            entries = self._table.get(module)
+            if entries is not None:
+                entries.pop(self._id, None)
+                if not entries:
+                    del self._table[module]
 
 
 def _add(table: weakref.WeakKeyDictionary, module: nn.Module, fn: Callable) -> SiteHandle:
-    global _next_id
-    _next_id += 1
-    table.setdefault(module, {})[_next_id] = (threading.get_ident(), fn)
-    return SiteHandle(table, module, _next_id)
+    with LOCK:
+        hid = next(_ids)
+        table.setdefault(module, {})[hid] = (threading.get_ident(), fn)
+    return SiteHandle(table, module, hid)
 
 
 def _mine(table: weakref.WeakKeyDictionary, module: nn.Module) -> list[Callable]:
@@ -232,28 +236,32 @@ class _BridgeHandle:
 
     def remove(self) -> None:
         module = self._module()
-        if self._done or module is None:
-            return
-        self._done = True
-        entry = _bridges.get(module, {}).get(self._key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            for h in entry[1]:
-                h.remove()
-            del _bridges[module][self._key]
-            if not _bridges[module]:
-                del _bridges[module]
+        with LOCK:
+            if self._done or module is None:
+                return
+            self._done = True
+            entry = _bridges.get(module, {}).get(self._key)
+            if entry is None:
+                return
+            entry[0] -= 1
+            if entry[0] == 0:
+                for h in entry[1]:
+                    h.remove()
+                del _bridges[module][self._key]
+                if not _bridges[module]:
+                    del _bridges[module]
 
 
-def _refcounted(module: nn.Module, key: str, install: Callable[[], list]) -> _BridgeHandle:
-    entries = _bridges.setdefault(module, {})
-    if key in entries:
-        entries[key][0] += 1
-    else:
-        entries[key] = [1, install()]
-    return _BridgeHandle(module, key)
+def refcounted(module: nn.Module, key: str, install: Callable[[], list]) -> _BridgeHandle:
+    """Run `install()` (-> handles with ``remove()``) once for (`module`, `key`) however many
+    contexts ask, in any thread; the last handle removed removes what it installed."""
+    with LOCK:
+        entries = _bridges.setdefault(module, {})
+        if key in entries:
+            entries[key][0] += 1
+        else:
+            entries[key] = [1, install()]
+        return _BridgeHandle(module, key)
 
 
 def bridge_output_pattern(module: nn.Module, output_index: int) -> _BridgeHandle:
@@ -272,7 +280,7 @@ def bridge_output_pattern(module: nn.Module, output_index: int) -> _BridgeHandle
 
         return [module.register_forward_hook(hook)]
 
-    return _refcounted(module, f"pattern@{output_index}", install)
+    return refcounted(module, f"pattern@{output_index}", install)
 
 
 def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, output_index: int) -> _BridgeHandle:
@@ -334,4 +342,4 @@ def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, out
         return [module.register_forward_pre_hook(pre, with_kwargs=True),
                 module.register_forward_hook(post, prepend=True)]
 
-    return _refcounted(module, f"mask:{mask_arg}", install)
+    return refcounted(module, f"mask:{mask_arg}", install)

@@ -28,6 +28,7 @@ truth, the caption accuracy (`probe.data.metrics.caption_metrics`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,9 +101,6 @@ def _token_mask(patches: np.ndarray | torch.Tensor, n_tokens: int, span: tuple[i
     out[..., span[0] : span[1]] = p
     return out
 
-
-def _patch_span(adapter: Any) -> tuple[int, int]:
-    return adapter.input_meta({}).spans["image"]
 
 
 # ----------------------------------------------------------------------------- model plumbing
@@ -220,16 +218,15 @@ def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.
 
 def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(images, patches): mean over layers, heads and caption tokens of the flow pattern's patch weights."""
-    hook = adapter.flow_hook
-    with torch.no_grad(), capture(adapter, hook.format(i="*"), reduce="mean") as cache:
-        adapter.forward(_text_batch(adapter, px, ids, mask))
-    lo, hi = _patch_span(adapter)
-    t0 = adapter.text_offset()
+    batch = _text_batch(adapter, px, ids, mask)
+    with torch.no_grad(), capture(adapter, adapter.flow_hook.format(i="*"), reduce="mean") as cache:
+        adapter.forward(batch)
+    meta = adapter.input_meta(batch)
+    (lo, hi), (t0, t1) = meta.spans["image"], meta.spans["text"]  # the flow pattern's key and query spans
     m = mask.float()
     per_layer = []
     for name in cache.names():
-        p = cache[name][:, 0].float().cpu()  # (b, queries, keys)
-        q = p[:, t0 : t0 + ids.shape[1], lo:hi] if p.shape[1] > ids.shape[1] else p[:, :, lo:hi]
+        q = cache[name][:, 0, t0:t1, lo:hi].float().cpu()  # (b, caption tokens, patches)
         per_layer.append((q * m[:, :, None]).sum(1) / m.sum(1, keepdim=True))
     return torch.stack(per_layer).mean(0)
 
@@ -300,6 +297,13 @@ class Ablation(Analysis):
         loop: bool = param(False, "one forward per variant (the reference the batched path equals)")
         baseline_seed: int = param(0, "seed of the random-patch baselines", min=0)
 
+    def resolve(self, adapter: Any, params: Params) -> Params:
+        n_patch = adapter.grid[0] * adapter.grid[1]
+        k = params.k if params.k is not None else max(1, n_patch // 8)
+        if k > n_patch:
+            raise ParamError(f"--k {k}: {adapter.name} has {n_patch} patches; use 1..{n_patch}")
+        return dataclasses.replace(params, k=k, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
+
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> AblationResult:
         """`AblationResult`; arrays ``ablation.logprob`` (variants, images) mean log-prob per token of
         the reference caption, ``ablation.drop`` = logprob[none] - logprob, ``ablation.heads``
@@ -309,10 +313,7 @@ class Ablation(Analysis):
         objects, truth = inputs.masks, inputs.samples
         px, ref, ids, mask = reference(adapter, inputs.images, params.max_new_tokens)
         span = adapter.input_meta({"pixel_values": px}).spans["image"]
-        n_patch = span[1] - span[0]
-        k = params.k if params.k is not None else max(1, n_patch // 8)
-        if k > n_patch:
-            raise ParamError(f"--k {k}: {adapter.name} has {n_patch} patches; use 1..{n_patch}")
+        k = self.resolve(adapter, params).k
         attended = _attended_patches(adapter, px, ids, mask) if params.kind in ("region", "all") else None
         variants = build_variants(adapter, params.kind, n, k=k, span=span, attended=attended, objects=objects,
                                   seed=params.baseline_seed)

@@ -11,6 +11,7 @@ attention weights (what the layer reads), not attributions: rollout and relevanc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,10 @@ class Flow(Analysis):
         max_new_tokens: int | None = param(None, "caption tokens to generate (default: the model's)", min=1)
         top_k: int = param(5, "top patches per token to list", min=1)
         batch_size: int = param(8, "images per generation batch", min=1)
+
+    def resolve(self, adapter: Any, params: Params) -> Params:
+        n = params.max_new_tokens or adapter.max_new_tokens
+        return dataclasses.replace(params, max_new_tokens=n)
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> FlowResult:
         """Returns a `FlowResult`; arrays ``flow.rows`` (images, layers, steps, keys) hold the head-mean

@@ -36,8 +36,17 @@ from probe.io import atomic_write_text
 FAMILIES = [n for n, e in probe.models(task="caption").items() if e.capabilities.published]
 
 
+def n_params(adapter) -> int:
+    return sum(p.numel() for p in adapter.model.parameters())
+
+
 def build(name: str, size: str):
-    return probe.load_model(name, weights="random", seed=0, config={} if size == "tiny" else None)
+    """`tiny`: the test config; `full`: random weights at the published size, or None where a
+    family's random build is not its published size (the prefix VLM: only its ViT is published)."""
+    adapter = probe.load_model(name, weights="random", seed=0, config={} if size == "tiny" else None)
+    if size == "full" and n_params(adapter) != n_params(probe.load_model(name, weights="meta")):
+        return None
+    return adapter
 
 
 def bench_one(adapter, tokens: int, rounds: int) -> dict:
@@ -91,6 +100,9 @@ def main() -> None:
     for size in args.sizes:
         for name in args.families:
             adapter = build(name, size)
+            if adapter is None:
+                print(f"{name:9s} {size:5s} skipped: its random build is not the published size")
+                continue
             r = bench_one(adapter, args.tokens, args.rounds)
             results[f"{name}/{size}"] = r
             print(f"{name:9s} {size:5s} plain {r['median_s']['plain']:.4f}s  xattn x{r['ratio_xattn']:.3f}  "

@@ -38,14 +38,14 @@ class BlipAdapter(HFCaptioner):
     @classmethod
     def published_config(cls) -> Any:
         """BLIP base captioning: ViT-B/16 at 384, a 12-layer BERT decoder with cross-attention."""
-        from transformers import BlipConfig
+        from transformers import BlipConfig  # heavy: only when this family is built
 
         return BlipConfig()
 
     @classmethod
     def tiny_config(cls, vocab_size: int, specials: Specials, *, image_size: int = 32, patch_size: int = 8,
                     hidden: int = 32, layers: int = 2, heads: int = 4, positions: int = 64) -> Any:
-        from transformers import BlipConfig
+        from transformers import BlipConfig  # heavy: only when this family is built
 
         common = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
                   "intermediate_size": 4 * hidden}

@@ -39,14 +39,14 @@ class GitAdapter(HFCaptioner):
     @classmethod
     def published_config(cls) -> Any:
         """GIT base: CLIP ViT-B/16 at 224, a 6-layer BERT-style joint stack."""
-        from transformers import GitConfig
+        from transformers import GitConfig  # heavy: only when this family is built
 
         return GitConfig()
 
     @classmethod
     def tiny_config(cls, vocab_size: int, specials: Specials, *, image_size: int = 32, patch_size: int = 8,
                     hidden: int = 32, layers: int = 2, heads: int = 4, positions: int = 64) -> Any:
-        from transformers import GitConfig
+        from transformers import GitConfig  # heavy: only when this family is built
 
         return GitConfig(
             vision_config={"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
@@ -63,7 +63,7 @@ class GitAdapter(HFCaptioner):
                 "cls_token": ("[CLS]", config.bos_token_id), "sep_token": ("[SEP]", config.eos_token_id)}
 
     def _new_processor(self) -> Any:
-        from transformers import CLIPImageProcessorPil
+        from transformers import CLIPImageProcessorPil  # heavy: only when this family is built
 
         s = self.image_size
         return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})

@@ -36,7 +36,7 @@ def word_tokenizer(tokens: Sequence[str], specials: dict[str, str]) -> Any:
             ``cls_token``, ``sep_token``, ``bos_token``, ``eos_token``, ``mask_token``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only when this family is built
 
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token=specials.get("unk_token", next(iter(specials.values())))))
@@ -54,7 +54,17 @@ class HFCaptioner(Captioner):
 
     auto = ("hub", "demo", "random")
     capture_attention: ClassVar[str | None] = ""
-    max_new_tokens = 24
+    @property
+    def max_caption_tokens(self) -> int:
+        """The text positions of the decoder, less the start token."""
+        return int(self.model.config.get_text_config(decoder=True).max_position_embeddings) - 1
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Default caption length: 24 tokens (the zoo's captions need up to 22), or fewer where the
+        decoder has fewer positions."""
+        return min(24, self.max_caption_tokens)
+
     #: transformers class names of the model and of its PIL image processor
     model_class: ClassVar[str]
     processor_class: ClassVar[str]

@@ -44,14 +44,19 @@ class HFViTAdapter(Classifier):
     @classmethod
     def _build(cls, config: dict[str, Any] | None, meta: bool) -> Self:
         """`config`: `transformers.ViTConfig` fields (default: ViT-B/16 at 224, no head)."""
-        from transformers import ViTConfig, ViTModel
+        from transformers import ViTConfig, ViTModel  # heavy: only when this family is built
 
         model = ViTModel(ViTConfig(**(config or {})))
         return cls(model, processor=cls._new_processor(model.config))
 
     @classmethod
     def _load(cls, ref: str, local_only: bool) -> Self:
-        from transformers import AutoConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+        from transformers import (  # heavy: only when this family is built
+            AutoConfig,
+            ViTForImageClassification,
+            ViTImageProcessorPil,
+            ViTModel,
+        )
 
         archs = hf_part(AutoConfig, ref, local_only).architectures or []
         model = from_pretrained(ViTForImageClassification if "ViTForImageClassification" in archs else ViTModel,
@@ -64,7 +69,7 @@ class HFViTAdapter(Classifier):
 
     @staticmethod
     def _new_processor(config: Any) -> Any:
-        from transformers import ViTImageProcessorPil
+        from transformers import ViTImageProcessorPil  # heavy: only when this family is built
 
         return ViTImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
 

@@ -64,9 +64,14 @@ class CharCaptioner(Captioner):
         return Specials(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
 
     @property
-    def max_new_tokens(self) -> int:  # type: ignore[override]
+    def max_caption_tokens(self) -> int:
         """The longest caption the decoder's positions allow (``max_len - 1``)."""
         return self.model.cfg.max_len - 1
+
+    @property
+    def max_new_tokens(self) -> int:  # type: ignore[override]
+        """Default caption length: as long as the positions allow (greedy decoding stops at <eos>)."""
+        return self.max_caption_tokens
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return images_to_tensor(images, self.image_size)
@@ -75,9 +80,11 @@ class CharCaptioner(Captioner):
         return self.model(pixel_values, ids)  # causal: right padding never reaches real tokens
 
     def _generate(self, pixel_values: torch.Tensor, max_new_tokens: int, num_beams: int, **kw: Any) -> torch.Tensor:
-        if num_beams != 1 or kw:
-            raise ValueError(f"our character captioners decode greedily: use num_beams=1 and no generate options {kw}")
-        return self.model.generate(pixel_values, max_new_tokens)[:, 1:]
+        extra = {k: v for k, v in kw.items() if k not in ("min_new_tokens", "do_sample") or (k == "do_sample" and v)}
+        if num_beams != 1 or extra:
+            raise ValueError(f"our character captioners decode greedily: use num_beams=1 and no generate options "
+                             f"{extra} (min_new_tokens is supported)")
+        return self.model.generate(pixel_values, max_new_tokens, kw.get("min_new_tokens", 0))[:, 1:]
 
     def _encode_text(self, caption: str) -> list[int]:
         return self.tokenizer.encode(caption, bos=False, eos=False)

@@ -148,7 +148,7 @@ class PrefixVLMAdapter(CharCaptioner):
 
     @classmethod
     def _model(cls, spec: dict[str, Any]) -> PrefixVLM:
-        from transformers import ViTConfig, ViTModel
+        from transformers import ViTConfig, ViTModel  # heavy: only when this family is built
 
         vision = ViTModel._from_config(ViTConfig(**spec["vision_config"]), add_pooling_layer=spec.get("pooler", True))
         return PrefixVLM(vision, PrefixDecoderConfig(**spec["config"]))
@@ -162,7 +162,7 @@ class PrefixVLMAdapter(CharCaptioner):
     def _load(cls, ref: str, local_only: bool) -> Self:
         if Path(ref).is_dir():
             return super()._load(ref, local_only)
-        from transformers import ViTModel
+        from transformers import ViTModel  # heavy: only when this family is built
 
         tok = CharTokenizer(DEFAULT_CHARS)
         vision = from_pretrained(ViTModel, ref, local_only, add_pooling_layer=False, ignore_unexpected=("pooler.",))

@@ -122,16 +122,21 @@ def train_captioner(
 
 @torch.no_grad()
 def greedy_generate(
-    step_logits: Callable[[torch.Tensor], torch.Tensor], batch: int, max_new_tokens: int, device: torch.device
+    step_logits: Callable[[torch.Tensor], torch.Tensor], batch: int, max_new_tokens: int, device: torch.device,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
-    """Greedy decoding from ``<bos>``: `step_logits(ids (batch, t)) -> (batch, t, vocab)`.
+    """Greedy decoding from ``<bos>``: `step_logits(ids (batch, t)) -> (batch, t, vocab)`; ``<eos>``
+    is not chosen before `min_new_tokens` steps.
 
     Returns (batch, 1 + generated) ids; finished rows are padded with ``<pad>`` after ``<eos>``.
     """
     ids = torch.full((batch, 1), CharTokenizer.bos_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        nxt = step_logits(ids)[:, -1].argmax(-1)
+    for step in range(max_new_tokens):
+        logits = step_logits(ids)[:, -1]
+        if step < min_new_tokens:
+            logits[:, CharTokenizer.eos_id] = -torch.inf
+        nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, CharTokenizer.pad_id), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         done |= nxt == CharTokenizer.eos_id
@@ -163,8 +168,8 @@ class EncodeDecodeCaptioner(nn.Module):
         return self.decode(self.encode_image(pixel_values), input_ids)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 32, min_new_tokens: int = 0) -> torch.Tensor:
         """Greedy ids (b, 1 + generated), starting at ``<bos>``; the image is encoded once."""
         image_tokens = self.encode_image(pixel_values)
         return greedy_generate(lambda ids: self.decode(image_tokens, ids), pixel_values.shape[0],
-                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device)
+                               min(max_new_tokens, self.cfg.max_len - 1), pixel_values.device, min_new_tokens)

@@ -34,7 +34,11 @@ class ViTGPT2Adapter(HFCaptioner):
     @classmethod
     def published_config(cls) -> Any:
         """ViT-B/16 at 224 (google/vit-base-patch16-224-in21k) + GPT-2 small with cross-attention."""
-        from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
+        from transformers import (  # heavy: only when this family is built
+            GPT2Config,
+            VisionEncoderDecoderConfig,
+            ViTConfig,
+        )
 
         dec = GPT2Config(add_cross_attention=True, is_decoder=True)
         cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), dec)
@@ -44,7 +48,11 @@ class ViTGPT2Adapter(HFCaptioner):
     @classmethod
     def tiny_config(cls, vocab_size: int, specials: Specials, *, image_size: int = 32, patch_size: int = 8,
                     hidden: int = 32, layers: int = 2, heads: int = 4, positions: int = 64) -> Any:
-        from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
+        from transformers import (  # heavy: only when this family is built
+            GPT2Config,
+            VisionEncoderDecoderConfig,
+            ViTConfig,
+        )
 
         enc = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * hidden, image_size=image_size, patch_size=patch_size)

@@ -9,7 +9,7 @@ block templates a family declares, preprocesses images and saves atomically. `Cl
   ``_groups()`` (parameter groups, ``{i}`` = block index); ``capture_attention`` names the
   submodule whose transformers attention runs on ``probe_capture``;
 - classifiers: ``forward`` and ``labels``;
-- captioners: ``specials``, ``max_new_tokens``, ``_logits(pixels, ids, mask)``,
+- captioners: ``specials``, ``max_new_tokens``, ``max_caption_tokens``, ``_logits(pixels, ids, mask)``,
   ``_generate(pixels, max_new_tokens, num_beams, **kw) -> new ids``, ``_encode_text``,
   ``_tokens``, ``_text``.
 
@@ -45,6 +45,7 @@ from probe.types import (
     Capabilities,
     HookSpec,
     InputMeta,
+    ProbeError,
     WeightsInfo,
     expand,
 )
@@ -85,6 +86,10 @@ class ModelAdapter(abc.ABC):
             config: the family's config dict; it sizes what is built (``random``, ``meta``, an
                 ``auto`` that falls back to random). None: the published or default size.
         """
+        if not isinstance(weights, str) or not weights:
+            raise ProbeError(f"weights {weights!r}: use auto, pretrained, demo, random, meta, a hub id or a folder")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ProbeError(f"dtype {dtype!r}: give a floating torch dtype, e.g. torch.float32 or torch.bfloat16")
         adapter, info = resolve(weights, name=cls.name, hub_id=cls.hub_id, auto=cls.auto, seed=seed,
                                 load=cls._load, build=lambda meta: cls._build(config, meta))
         note = "; ".join(n for n in (info.note, adapter.weights.note if adapter.weights else "") if n)
@@ -266,8 +271,9 @@ class Captioner(ModelAdapter):
     `text_offset()` on; `flow_hook` is the pattern whose keys hold the image tokens
     (``[CLS, patches]`` at ``0 .. n_image_tokens``)."""
 
-    #: default number of new tokens of `caption` and `generate_with_cache`
+    #: default number of new tokens of `caption` and `generate_with_cache`; the most its positions allow
     max_new_tokens: int
+    max_caption_tokens: int
 
     @property
     @abc.abstractmethod
@@ -348,8 +354,18 @@ class Captioner(ModelAdapter):
     def caption_pixels(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
                        **generate_kwargs: Any) -> dict[str, Any]:
         """`caption` from preprocessed ``pixel_values`` (b, 3, H, W)."""
-        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams {num_beams!r}: use a whole number >= 1")
+        n = self._length(max_new_tokens)
         return self._decode(self._generate(pixel_values, n, num_beams, **generate_kwargs))
+
+    def _length(self, max_new_tokens: int | None) -> int:
+        """`max_new_tokens`, or the model's default; checked against what its positions allow."""
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        limit = self.max_caption_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+            raise ValueError(f"--max-new-tokens {n!r}: {self.name} generates 1 to {limit} tokens (its positions)")
+        return n
 
     def _decode(self, new: torch.Tensor) -> dict[str, Any]:
         kept = generated_tokens(new, self.specials.eos, self.specials.pad, list)
@@ -370,7 +386,7 @@ class Captioner(ModelAdapter):
             a ``text`` span over them).
         """
         px = self.preprocess(images)["pixel_values"]
-        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        n = self._length(max_new_tokens)
         with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:
             caps = self._decode(self._generate(px, n, 1, **generate_kwargs))
         cache.meta = self._meta(caps["ids"].shape[1], caps["tokens"])

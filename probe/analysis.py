@@ -155,6 +155,11 @@ class Analysis(abc.ABC):
                 return f"{self.name} needs hooks {glob!r}, which {model} does not offer"
         return None
 
+    def resolve(self, adapter: Any, params: Any) -> Any:
+        """`params` with every default that depends on the model filled in (e.g. the model's
+        caption length for ``max_new_tokens=None``), so that the manifest records what ran."""
+        return params
+
     def weights_for(self, params: Any, weights: str) -> str:
         """The weights to load given the parameters (e.g. ``meta`` for published-size counting)."""
         return weights
@@ -168,9 +173,15 @@ class Analysis(abc.ABC):
                  **params: Any) -> Result:
         """The Python shortcut: `run` on PIL images (or an `ImageSet`) with parameters as keywords,
         e.g. ``Flow()(adapter, images, max_new_tokens=5)``; no store, no manifest."""
+        for a in adapter if self.many_models else [adapter]:
+            why = self.check(a.name, a.capabilities) or self.check_hooks(a.name, a.hook_specs())
+            if why:
+                raise ProbeError(why)
+        if self.reads_images and not images:
+            raise ProbeError(f"{self.name} needs images: give a list of PIL images or an ImageSet")
         if images is not None and not isinstance(images, ImageSet):
             images = ImageSet.from_images(images, names)
-        return self.run(adapter, images, to_params(self.Params, params))
+        return self.run(adapter, images, self.resolve(adapter, to_params(self.Params, params)))
 
     def render(self, result: Any) -> dict[str, Figure]:
         """Figures of a result, by name (pure: no pyplot, nothing saved)."""

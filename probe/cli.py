@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +41,13 @@ class CLIError(ProbeError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"probe: error: {message} (see `{self.prog} -h`)\n")
+
+
 def _add_run_common(p: argparse.ArgumentParser, analysis: Analysis) -> None:
     if analysis.many_models:
         default = "all (every model it applies to), or a comma-separated list"
@@ -55,16 +64,16 @@ def _add_run_common(p: argparse.ArgumentParser, analysis: Analysis) -> None:
                        help="run on N probe-shapes test images, with their masks and ground truth")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=_folder, default=None,
                    help=f"run store folder (default ${{PROBE_STORE}} or {default_store_root()})")
     p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probe", description="Probe how vision transformers and captioners attend.")
+    parser = _Parser(prog="probe", description="Probe how vision transformers and captioners attend.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pm = sub.add_parser("models", help="list registered models and their capabilities")
     pm.add_argument("--json", action="store_true")
@@ -73,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("runs", help="list, show or delete saved runs")
     pr.add_argument("--out", type=Path, default=None, help="run store folder")
-    pr.add_argument("--show", metavar="RUN_ID")
-    pr.add_argument("--delete", metavar="RUN_ID")
+    what = pr.add_mutually_exclusive_group()
+    what.add_argument("--show", metavar="RUN_ID")
+    what.add_argument("--delete", metavar="RUN_ID")
 
     prun = sub.add_parser("run", help="run an analysis and save it as a run")
     arun = prun.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
@@ -191,6 +201,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         return 0
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads {args.threads}: give at least 1")
+    if args.seed is not None and args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: give a seed >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("probe-zoo") / args.family
@@ -202,8 +214,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if args.n < 1 or args.size < 8:
-        raise CLIError(f"--n {args.n} / --size {args.size}: give at least 1 image of at least 8 pixels")
+    if args.n < 1 or not 8 <= args.size <= 1024:
+        raise CLIError(f"--n {args.n} / --size {args.size}: give at least 1 image of 8 to 1024 pixels")
     out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size, force=args.force)
     print(f"wrote probe-shapes to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -211,6 +223,12 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 
 def cmd_train_vit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    for flag, v in (("--dim", args.dim), ("--depth", args.depth), ("--heads", args.heads),
+                    ("--patch-size", args.patch_size), ("--image-size", args.image_size)):
+        if v < 1:
+            raise CLIError(f"{flag} {v}: give a positive number")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise CLIError(f"--lr {args.lr}: give a positive finite learning rate")
     if args.attention not in VIT_KINDS:
         raise CLIError(f"--attention {args.attention!r}: use one of {', '.join(VIT_KINDS)}")
     check_output(args.out, args.force)  # before any training
@@ -231,13 +249,27 @@ def cmd_train_vit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a folder")
+    return Path(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # -h, or a one-line usage error (see `_Parser`)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.DEBUG if args.verbose else logging.ERROR)  # load reports
+    if not args.verbose and args.command in ("run", "zoo", "train"):  # these load models: no per-load bars
+        from transformers.utils import logging as hf_logging  # heavy: only for commands that load models
+
+        hf_logging.disable_progress_bar()
     commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data_shapes,
                 "train": cmd_train_vit}
     try:

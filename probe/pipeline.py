@@ -7,6 +7,7 @@ analysis or model, parameters out of range, a model whose capabilities the analy
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SHAPES = 16
+MAX_SHAPES = 10_000  # a run keeps its images in memory and in its arrays: larger sets are activation data sets
 
 
 @dataclass(frozen=True)
@@ -89,32 +91,53 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _integer(value: Any, flag: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProbeError(f"{flag} {value!r}: use a whole number from {lo} to {hi}")
+
+
 def plan(spec: RunSpec) -> Plan:
-    """Everything that can be checked without loading weights: the analysis, its parameters, the
-    model names and their capabilities."""
+    """Everything that can be checked without loading weights: the run's fields, the analysis and
+    its parameters, the model names, their capabilities and the hooks of their architecture."""
     analysis = registry.analysis(spec.analysis)
+    if not isinstance(spec.params, Mapping) and not dataclasses.is_dataclass(spec.params):
+        raise ProbeError(f"params must be a dict of {analysis.name}'s parameters, not {type(spec.params).__name__}")
     params = to_params(analysis.Params, spec.params)
     if spec.dtype not in DTYPES:
         raise ProbeError(f"--dtype {spec.dtype!r}: use {', '.join(DTYPES)}")
-    if not 0 <= spec.seed < 2**63:
-        raise ProbeError(f"--seed {spec.seed}: use an integer in [0, 2**63)")
-    if spec.shapes is not None and spec.shapes < 1:
-        raise ProbeError(f"--shapes {spec.shapes}: give at least one image")
+    _integer(spec.seed, "--seed", 0, 2**63 - 1)
+    if spec.shapes is not None:
+        _integer(spec.shapes, "--shapes", 1, MAX_SHAPES)
+        if spec.images:
+            raise ProbeError("give --images or --shapes, not both")
     if not analysis.reads_images and (spec.images or spec.shapes):
         raise ProbeError(f"{analysis.name} reads no images; drop --images/--shapes")
-    if not spec.weights:
+    if not isinstance(spec.weights, str) or not spec.weights:
         raise ProbeError("--weights is empty: use auto, pretrained, demo, random, meta, a hub id or a folder")
+    if spec.weights == "meta" and analysis.reads_images:
+        raise ProbeError(f"--weights meta builds the architecture without weights, which cannot run images; "
+                         f"{analysis.name} needs real weights (auto, demo, random, ...)")
+    if spec.store is not None and (str(spec.store) == "" or Path(spec.store).is_file()):
+        raise ProbeError(f"--out {str(spec.store)!r}: give a folder for the run store")
+    if spec.model is not None and (not isinstance(spec.model, str) or not spec.model.strip()):
+        raise ProbeError(f"--model {spec.model!r}: give a registered model name (see `probe models`)")
     if analysis.many_models:
         if spec.model in (None, "all"):
             names = [n for n, e in registry.models(analysis.task).items() if not analysis.check(n, e.capabilities)]
         else:
             names = [m.strip() for m in spec.model.split(",") if m.strip()]
+        if not names:
+            raise ProbeError(f"--model {spec.model!r} names no model; give all or a comma-separated list")
     else:
         names = [spec.model or registry.default_model(analysis.task or analysis.default_task)]
     for name in names:
         why = analysis.check(name, registry.model_entry(name).capabilities)
         if why:
             raise ProbeError(why)
+        if analysis.requires:  # on the architecture alone: no weights are read for this
+            why = analysis.check_hooks(name, registry.load_model(name, weights="meta").hook_specs())
+            if why:
+                raise ProbeError(why)
     return Plan(analysis, params, names)
 
 
@@ -123,7 +146,7 @@ def inputs_for(analysis: Analysis, spec: RunSpec) -> ImageSet | None:
     if not analysis.reads_images:
         return None
     if spec.images:
-        return ImageSet.from_paths(list(spec.images))
+        return ImageSet.from_paths(spec.images)
     if spec.shapes is not None or analysis.default_images == "shapes":
         return ImageSet.shapes(spec.shapes or DEFAULT_SHAPES)
     return ImageSet.bundled()
@@ -145,12 +168,15 @@ def execute(spec: RunSpec) -> Outcome:
         log.info("model %s, weights: %s %s (sha256 %s)", a.name, w.source, w.ref, (w.sha256 or "")[:12])
         if w.source == "random":
             log.warning("%s has RANDOM weights: results show the architecture, not learned behaviour", a.name)
-        if w.source != "meta":
-            why = analysis.check_hooks(a.name, a.hook_specs())
-            if why:
-                raise ProbeError(why)
+        why = analysis.check_hooks(a.name, a.hook_specs())  # a checkpoint folder may differ from the family's
+        if why:
+            raise ProbeError(why)
+    subject = adapters if analysis.many_models else adapters[0]
+    params = analysis.resolve(subject, params)
+    p = dataclasses.replace(p, params=params)
     t1 = time.perf_counter()
-    result = analysis.run(adapters if analysis.many_models else adapters[0], inputs, params)
+    result = analysis.run(subject, inputs, params)
+    _check_finite(result, spec)
     t_run = time.perf_counter() - t1
     t2 = time.perf_counter()
     figures = analysis.render(result)
@@ -159,6 +185,15 @@ def execute(spec: RunSpec) -> Outcome:
                          {"load": t_load, "run": t_run, "render": t_render})
     run = RunStore(spec.store).save(manifest, result, figures) if spec.save else None
     return Outcome(result, figures, manifest, analysis.summary_lines(result), run, adapters)
+
+
+def _check_finite(result: Result, spec: RunSpec) -> None:
+    """Refuse to save NaN or infinite values (outside the arrays a result marks as NaN-padded)."""
+    for name, t in result.arrays.items():
+        if t.is_floating_point() and name not in result.nan_padded and not bool(torch.isfinite(t).all()):
+            hint = " (float16 overflows in some attention kinds: use --dtype bfloat16 or float32)" \
+                if spec.dtype == "float16" else " (the weights may hold NaN: check the checkpoint)"
+            raise ProbeError(f"the run produced non-finite values in {name}; nothing was saved{hint}")
 
 
 def _manifest(spec: RunSpec, p: Plan, adapters: list[Any], inputs: ImageSet | None, weights: str,
@@ -170,7 +205,8 @@ def _manifest(spec: RunSpec, p: Plan, adapters: list[Any], inputs: ImageSet | No
         "analysis": p.analysis.name,
         "model": model,
         "weights": one.weights.to_dict() if len(adapters) == 1 else {a.name: a.weights.to_dict() for a in adapters},
-        "weights_requested": weights,
+        "weights_requested": spec.weights,
+        "weights_loaded": weights,
         "attn_implementation": one.attn_implementation,
         "dtype": spec.dtype,
         "device": str(device),

@@ -59,7 +59,8 @@ def register_analysis(cls: type[T]) -> type[T]:
 def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(known))}")
+    plural = "analyses" if kind == "analysis" else f"{kind}s"
+    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {plural}: {', '.join(sorted(known))}")
 
 
 def models(task: str | None = None) -> dict[str, ModelEntry]:

@@ -38,6 +38,8 @@ def fit(params: Sequence[torch.Tensor], steps: int, loss_at: Callable[[int], tor
         raise ValueError("nothing to train: no parameter requires a gradient")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}: an untrained model is not saved")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"the learning rate must be positive and finite, got {lr}")
     warmup = min(100, steps // 10 + 1) if warmup is None else warmup
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -60,6 +62,9 @@ def fit(params: Sequence[torch.Tensor], steps: int, loss_at: Callable[[int], tor
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise ValueError(f"training diverged: the weights hold NaN or inf after {steps} steps (last loss "
+                         f"{losses[-1]:.4g}); lower the learning rate. Nothing was saved")
     return losses
 
 

@@ -129,7 +129,9 @@ def resolve(weights: str, *, name: str, load: Callable[[str, bool], T], build: C
                                   f"checkpoint folder, or build them with `probe zoo train {name}`")
         return _folder(load, demo, "demo", seed)
     path = Path(weights).expanduser()
-    if path.is_dir() or weights.startswith((".", "/", "~")):
+    if path.exists() or weights.startswith((".", "/", "~")):
+        if path.is_file():
+            raise WeightsNotFound(f"{name}: weights {path} is a file; give the checkpoint folder that holds it")
         if not path.is_dir():
             raise WeightsNotFound(f"{name}: local weights folder {path} does not exist")
         return _folder(load, path, source_of(path), seed)
@@ -186,9 +188,12 @@ def _folder(load: Callable[[str, bool], T], folder: Path, source: str, seed: int
         obj = load(str(folder), True)
     except SafetensorError as e:
         raise CheckpointError(f"{folder}: a .safetensors file is corrupt or truncated ({e}); re-save it") from None
-    except (TypeError, AttributeError, json.JSONDecodeError) as e:  # a config of the wrong shape
-        raise CheckpointError(f"{folder}: config.json does not describe a model of this family "
-                              f"({type(e).__name__}: {e})") from None
+    except (ProbeError, OSError):
+        raise
+    except Exception as e:  # transformers and our configs raise many kinds for a config of another family
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{folder} cannot be loaded as this family's checkpoint ({type(e).__name__}: "
+                              f"{first[:200]}); is it a checkpoint of another model?") from None
     return obj, WeightsInfo(source, str(folder.resolve()), files_sha256(files))
 
 
@@ -284,7 +289,10 @@ def read_checkpoint(folder: str | Path, kind: str, *files: str) -> tuple[dict[st
                               "(written by adapter.save)")
     meta = read_json(folder / "config.json")
     if meta.get("probe_model") != kind:
-        raise CheckpointError(f"{folder} holds a {meta.get('probe_model')!r} checkpoint, not {kind!r}")
+        holds = (f"a {meta['probe_model']!r} checkpoint" if "probe_model" in meta
+                 else f"a transformers checkpoint ({meta.get('model_type', 'unknown type')})" if "model_type" in meta
+                 else "no probe checkpoint (config.json has no probe_model)")
+        raise CheckpointError(f"{folder} holds {holds}, not {kind!r}: load it with the model it was saved from")
     return meta, load_file(str(folder / "model.safetensors"))
 
 

@@ -153,3 +153,40 @@ def test_bad_values_are_refused_before_any_work(store_root, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and flag in err, (argv, err)
     assert RunStore(store_root).list() == []
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["run", "attention", "--weights", "meta"], "needs real weights"),
+    (["run", "flow", "--max-new-tokens", "100000"], "generates 1 to"),
+    (["run", "ca-params", "--model", ","], "names no model"),
+    (["run", "attention", "--model", ""], "give a registered model name"),
+    (["run", "attention", "--images", "x.png", "--shapes", "2"], "not both"),
+    (["run", "attention", "--shapes", "100000"], "--shapes 100000"),
+    (["run", "attention", "--out", ""], "empty: give a folder"),
+    (["run", "attention", "--batch-size", "abc"], "invalid int value"),
+    (["runs", "--show", "x", "--delete", "x"], "not allowed with argument"),
+    (["run", "attention", "--model", "xattn-cond"], "does not offer"),
+    (["run", "attention", "--model", "vit-performer", "--dtype", "float16"], "non-finite values"),
+    (["run", "flow", "--model", "blip", "--weights", "probe/assets/zoo/git"], "does not match the model"),
+    (["run", "attention", "--images", ""], "image path is empty"),
+])
+def test_hostile_values_are_one_line_refusals(argv, says, store_root, capsys):
+    """Cases a hostile tester found: each is refused in one line, before or instead of saving."""
+    from pathlib import Path
+
+    argv = [str(Path(__file__).parents[1] / a) if a.startswith("probe/assets") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert "RANDOM" not in err and not (store_root.exists() and RunStore(store_root).list())
+
+
+def test_training_that_diverges_saves_nothing(tmp_path, capsys):
+    data = tmp_path / "cifar"
+    write_two_class_cifar(data)
+    for lr in ("inf", "1e30"):
+        out = tmp_path / f"ckpt{lr}"
+        assert main(["train", "vit", "--data", str(data), "--out", str(out), "--lr", lr, "--epochs", "4",
+                     "--batch-size", "16", "--dim", "16", "--depth", "1", "--image-size", "16"]) == 2
+        err = capsys.readouterr().err
+        assert ("positive finite" in err or "diverged" in err) and not out.exists(), err

@@ -11,7 +11,7 @@ import torch
 
 from probe.runs import store as store_mod
 from probe.runs.results import AttentionResult
-from probe.runs.store import BrokenRunError, RunStore
+from probe.runs.store import RunStore
 
 
 def make_result(b: int = 2) -> AttentionResult:
@@ -57,11 +57,14 @@ def test_killed_save_is_invisible_and_cleanable(tmp_path):
     half = tmp_path / ".incomplete-x-123"
     half.mkdir()
     (half / "result.json").write_text("{")
-    nomanifest = tmp_path / "20260101-000000-attention-m-abc"  # not made by a save: listed as broken
+    nomanifest = tmp_path / "20260101-000000-attention-m-abc"  # no manifest: not a run, never touched
     nomanifest.mkdir()
-    assert [(r.id, r.status, r.problem) for r in s.list()] == [(nomanifest.name, "broken", "manifest.json is missing")]
-    with pytest.raises(BrokenRunError, match="manifest.json is missing"):
-        s.load(nomanifest.name)
+    (nomanifest / "notes.txt").write_text("mine")
+    assert s.list() == []
+    for act in (s.load, s.delete):
+        with pytest.raises(KeyError, match="is not a probe run"):
+            act(nomanifest.name)
+    assert (nomanifest / "notes.txt").read_text() == "mine"
     assert half.exists()  # a young staging folder may be a save in progress: listing keeps it
     assert s.clean_incomplete() == 1 and not half.exists()
 

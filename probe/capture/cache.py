@@ -26,7 +26,9 @@ class ActivationCache:
         self.specs: dict[str, HookSpec] = {}
         self.meta: InputMeta | None = None
         self.selection: dict[str, object] = {}
-        #: generation captures: per batch element, how many steps produced a token (the rest is padding)
+        #: generation captures: the names captured once per step, and per batch element how many
+        #: steps produced a token (the steps after are padding of the batch)
+        self.stepwise: set[str] = set()
         self.step_lengths: list[int] | None = None
 
     def add(self, name: str, value: torch.Tensor) -> None:
@@ -56,8 +58,7 @@ class ActivationCache:
         n = max(c.shape[-1] for c in calls)
         padded = [torch.nn.functional.pad(c, (0, n - c.shape[-1])) for c in calls]
         out = torch.cat(padded, dim=dim)
-        if self.step_lengths is not None and len(calls) > 1 and out.shape[0] == len(self.step_lengths):
-            # steps after a caption's end token only carry padding of the batch: zero them
+        if name in self.stepwise and self.step_lengths is not None:  # zero the steps after each caption's end
             done = torch.arange(out.shape[dim]).view(-1, *[1] * (out.dim() - dim - 1))
             lengths = torch.tensor(self.step_lengths).view(-1, *[1] * (out.dim() - 1))
             out = out * (done < lengths).to(out.dtype)

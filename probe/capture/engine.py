@@ -202,6 +202,8 @@ Intervention = ZeroHeads | Replace | MaskTokens | Precomputed
 
 def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
     if isinstance(heads, torch.Tensor):
+        if heads.dtype != torch.bool:
+            raise ValueError(f"ZeroHeads mask must be a bool tensor (True = zeroed); got {heads.dtype}")
         if heads.shape != (batch, n_heads):
             raise ValueError(f"ZeroHeads mask must be (batch={batch}, heads={n_heads}); got {tuple(heads.shape)}")
         zero = heads.to(device=ref.device, dtype=torch.bool)

@@ -35,6 +35,7 @@ def capture_generation(
     text = [s.name for s in specs if s.name.startswith("text.")]
     other = [s.name for s in specs if not s.name.startswith("text.")]
     cache = ActivationCache()
+    cache.stepwise = set(text)
     kw: dict[str, Any] = {"heads": heads, "reduce": reduce, "dtype": dtype, "device": device, "cache": cache}
     with ExitStack() as stack:
         if other:

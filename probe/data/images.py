@@ -158,10 +158,13 @@ def _float_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders (their image files, sorted) into a list of paths."""
+def image_paths(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (their image files, sorted) into a list of paths; one path alone
+    is fine too."""
     out: list[Path] = []
-    for item in inputs:
+    for item in [inputs] if isinstance(inputs, str | Path) else inputs:
+        if not str(item).strip():
+            raise ImageLoadError("an image path is empty; give files or folders of images")
         p = Path(item)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
@@ -175,7 +178,7 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def load_images(inputs: Sequence[str | Path]) -> tuple[list[Image.Image], list[str]]:
+def load_images(inputs: str | Path | Sequence[str | Path]) -> tuple[list[Image.Image], list[str]]:
     """Images (RGB) and their names from files and folders."""
     paths = image_paths(inputs)
     return [open_rgb(p) for p in paths], [p.name for p in paths]

@@ -47,7 +47,7 @@ class ImageSet:
         return cls(list(images), names, list(names))
 
     @classmethod
-    def from_paths(cls, inputs: Sequence[str | Path]) -> ImageSet:
+    def from_paths(cls, inputs: str | Path | Sequence[str | Path]) -> ImageSet:
         """Image files and folders (their image files, sorted)."""
         paths = image_paths(inputs)
         return cls([open_rgb(p) for p in paths], [p.name for p in paths], [str(p) for p in paths])

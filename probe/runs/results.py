@@ -23,6 +23,8 @@ class Result:
 
     kind: ClassVar[str] = "result"
     schema_version: ClassVar[int] = 1
+    #: arrays that use NaN for "not computed" (every other array must be finite to be saved)
+    nan_padded: ClassVar[tuple[str, ...]] = ()
     arrays: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -199,6 +201,7 @@ class AblationResult(Result):
 
     kind: ClassVar[str] = "ablation"
     schema_version: ClassVar[int] = 1
+    nan_padded: ClassVar[tuple[str, ...]] = ("ablation.heads",)
     model: str = ""
     image_names: list[str] = field(default_factory=list)
     variants: list[dict[str, Any]] = field(default_factory=list)

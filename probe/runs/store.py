@@ -149,7 +149,9 @@ class RunStore:
         return self.load(run_id)
 
     def list(self) -> list[Run]:
-        """Every run folder, newest first, broken ones last; the result is not loaded (None).
+        """Every run, newest first, broken ones last; the result is not loaded (None). A run is a
+        folder holding a ``manifest.json`` (or a link in the store's top level); other folders are
+        not runs and are neither listed nor ever deleted.
 
         Never raises for one bad run: it is listed with ``status="broken"`` and its `problem`.
         Staging folders left by crashed saves and deletes more than a day ago are removed.
@@ -161,7 +163,7 @@ class RunStore:
             logger.info("removed %d stale staging folder%s from %s", n, "" if n == 1 else "s", self.root)
         runs = []
         for p in self.root.iterdir():
-            if p.name.startswith(".") or not (p.is_dir() or p.is_symlink()):
+            if p.name.startswith(".") or not _is_run(p):
                 continue
             manifest, problem = self._inspect(p)
             runs.append(Run(p.name, p, manifest, None, _figures(p), "broken" if problem else "ok", problem))
@@ -226,7 +228,10 @@ class RunStore:
     def _path(self, run_id: str) -> Path:
         """The folder of an existing run; refuses ids that are not plain names in the store."""
         p = self.root / _check_id(run_id)
-        if not (p.is_dir() or p.is_symlink()):
+        if p.is_dir() and not _is_run(p):
+            raise UnknownRunError(f"{p} is not a probe run (it has no manifest.json); probe reads and deletes only "
+                                  "its runs")
+        if not _is_run(p):
             known = ", ".join(r.id for r in self.list()[:5]) or "none"
             raise UnknownRunError(f"no run {run_id!r} in {self.root} (recent runs: {known})")
         return p
@@ -251,6 +256,11 @@ class RunStore:
                 if problem := _manifest_problem(manifest):
                     return {}, problem
         return manifest, ""
+
+
+def _is_run(p: Path) -> bool:
+    """A run folder holds a manifest (possibly broken); a link in the store is a (broken) run too."""
+    return p.is_symlink() or (p.is_dir() and ((p / "manifest.json").is_file() or (p / "manifest.json").is_symlink()))
 
 
 def _check_id(run_id: str) -> str:

@@ -13,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from probe.adapter import Classifier
 from probe.analysis import Analysis, param
 from probe.capture import capture
 from probe.data import ImageSet, images_to_uint8
@@ -48,7 +49,7 @@ class Attention(Analysis):
         row_index: list[int] | None = None
         chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
         preds: list[str] = []
-        labels = getattr(adapter, "labels", None)
+        labels = adapter.labels if isinstance(adapter, Classifier) else None
         starts = range(0, len(images), params.batch_size)
         for start in tqdm(starts, desc=f"attention {adapter.name}", disable=len(starts) < 2):
             batch = adapter.preprocess(images[start : start + params.batch_size])

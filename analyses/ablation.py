@@ -498,9 +498,9 @@ def summary_lines(result: AblationResult) -> list[str]:
                      f"{result.layers[li]} head {hi}")
     if result.object_words:
         lines.append("  object words lost: " + ", ".join(f"{k} {v:.0%}" for k, v in result.object_words.items()))
-    if result.captions and result.captions[0]:
-        lines.append(f"  e.g. {result.image_names[0]}: {result.reference[0]!r} -> blind "
-                     f"{_caption_of(result, 'blind', 0)!r}")
+    blind = _caption_of(result, "blind", 0)
+    if blind:
+        lines.append(f"  e.g. {result.image_names[0]}: {result.reference[0]!r} -> blind {blind!r}")
     return lines
 
 

@@ -194,8 +194,8 @@ class ModelAdapter(abc.ABC):
 
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """RGB PIL images -> model inputs, at least ``pixel_values`` (batch, 3, H, W)."""
-        if not len(images):
-            raise ValueError("no images given")
+        if isinstance(images, str | bytes) or not isinstance(images, Sequence) or not images:
+            raise ValueError(f"give a non-empty list of PIL images (probe.load_images reads files); got {images!r:.60}")
         return {"pixel_values": self._pixels(list(images)).to(self.device, self.dtype)}
 
     @abc.abstractmethod

@@ -90,8 +90,14 @@ class ModelAdapter(abc.ABC):
             raise ProbeError(f"weights {weights!r}: use auto, pretrained, demo, random, meta, a hub id or a folder")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ProbeError(f"dtype {dtype!r}: give a floating torch dtype, e.g. torch.float32 or torch.bfloat16")
+        def build(meta: bool) -> Self:
+            if not meta:  # size it on the meta device first: a typo'd config must not fill the memory
+                with torch.device("meta"):
+                    _fits_in_memory(cls._build(config, True), cls.name)
+            return cls._build(config, meta)
+
         adapter, info = resolve(weights, name=cls.name, hub_id=cls.hub_id, auto=cls.auto, seed=seed,
-                                load=cls._load, build=lambda meta: cls._build(config, meta))
+                                load=cls._load, build=build)
         note = "; ".join(n for n in (info.note, adapter.weights.note if adapter.weights else "") if n)
         if info.source == "meta":
             size = "given config" if config else ("published architecture" if cls.capabilities.published
@@ -241,6 +247,15 @@ class ModelAdapter(abc.ABC):
             out = self.forward(batch)
         cache.meta = self.input_meta(batch)
         return out, cache
+
+
+def _fits_in_memory(adapter: ModelAdapter, name: str) -> None:
+    """Refuse to build a model whose float32 weights alone would take most of this machine's memory."""
+    need = 4 * sum(p.numel() for p in adapter.model.parameters())
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > 0.8 * have:
+        raise ProbeError(f"{name}: this config needs {need / 2**30:.1f} GiB for its weights alone, more than this "
+                         f"machine's {have / 2**30:.1f} GiB allow; check its sizes (dim, depth, ...)")
 
 
 class Classifier(ModelAdapter):

@@ -190,3 +190,16 @@ def test_training_that_diverges_saves_nothing(tmp_path, capsys):
                      "--batch-size", "16", "--dim", "16", "--depth", "1", "--image-size", "16"]) == 2
         err = capsys.readouterr().err
         assert ("positive finite" in err or "diverged" in err) and not out.exists(), err
+
+
+def test_a_config_too_big_for_memory_is_refused_before_allocating():
+    """Issue 17.6: a config with dim 65536 tried a 16+ GiB allocation; it is sized on the meta device first."""
+    import time
+
+    import probe
+    from probe.types import ProbeError
+
+    t = time.perf_counter()
+    with pytest.raises(ProbeError, match="GiB for its weights alone"):
+        probe.load_model("vit-standard", weights="random", config={"dim": 65536, "heads": 4})
+    assert time.perf_counter() - t < 10

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from probe.train import fit
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
@@ -75,49 +71,6 @@ class CharTokenizer:
         if d.get("type") != "char" or d["itos"][:3] != [PAD, BOS, EOS]:
             raise ValueError(f"{path} is not a probe character tokenizer")
         return cls(d["itos"][3:])
-
-
-def caption_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Next-character cross-entropy: logits (batch, n, vocab) at positions 0..n-2 predict ids 1..n-1."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), ignore_index=pad_id
-    )
-
-
-@dataclass(frozen=True)
-class CaptionTrainReport:
-    losses: list[float]
-    steps: int
-
-
-def train_captioner(
-    model: nn.Module,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
-    *,
-    steps: int = 100,
-    batch_size: int = 16,
-    lr: float = 3e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> CaptionTrainReport:
-    """Teacher-forced training of ``model(pixel_values, input_ids) -> logits`` on its trainable
-    parameters (`probe.train.fit`: AdamW, cosine decay, no warm-up or clipping).
-
-    Args:
-        pixel_values: (n, 3, H, W); input_ids: (n, T) from `CharTokenizer.batch`.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def loss_at(_step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(input_ids), (min(batch_size, len(input_ids)),), generator=g)
-        return caption_loss(model(pixel_values[idx], input_ids[idx]), input_ids[idx])
-
-    model.train()
-    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=0.0, warmup=0, clip=None,
-                 desc=f"train {type(model).__name__}", progress=progress)
-    model.eval()
-    return CaptionTrainReport(losses, steps)
 
 
 @torch.no_grad()

@@ -40,19 +40,6 @@ for _pkg in (models, analyses):
 del _pkg
 
 __all__ = [
-    "ActivationCache",
-    "ImageSet",
-    "MaskTokens",
-    "Precomputed",
-    "Replace",
-    "RunSpec",
-    "RunStore",
-    "ZeroHeads",
-    "analyses",
-    "capture",
-    "execute",
-    "intervene",
-    "load_images",
-    "load_model",
-    "models",
+    "ActivationCache", "ImageSet", "MaskTokens", "Precomputed", "Replace", "RunSpec", "RunStore",
+    "ZeroHeads", "analyses", "capture", "execute", "intervene", "load_images", "load_model", "models",
 ]

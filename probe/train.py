@@ -1,5 +1,6 @@
-"""The one training loop (`fit`), and the two tasks built on it: classifiers (`train_classifier`)
-and teacher-forced captioners (`caption_loss`, used by the zoo and `probe.models.text`).
+"""The one training loop (`fit`), and what is built on it: classifiers (`train_classifier`) and
+teacher-forced captioners (`next_token_loss`; `caption_loss` for adapters, used by the zoo;
+`train_captioner` for bare models).
 
 `fit` is AdamW with linear warm-up, cosine decay and gradient clipping, over any
 ``loss_at(step) -> loss``; it knows nothing about the model family.
@@ -79,15 +80,40 @@ def epoch_batches(n: int, batch_size: int, steps: int, seed: int, drop_last: boo
     return out[:steps]
 
 
-def caption_loss(adapter: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher-forced next-token cross-entropy of a captioner over the real (unpadded) tokens of
-    ``batch["input_ids"]`` (b, T), as `adapter.encode_captions` makes them."""
-    logits = adapter.forward(batch)
-    ids = batch["input_ids"]
-    keep = batch["attention_mask"].bool()
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced cross-entropy: `logits` (b, T, vocab) at 0..T-2 predict `ids` (b, T) at
+    1..T-1, counted where `keep` (b, T, bool) marks a real (unpadded) token."""
     target = ids[:, 1:].masked_fill(~keep[:, 1:], -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                            ignore_index=-100)
+
+
+def caption_loss(adapter: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`next_token_loss` of a captioner adapter on a batch made by its `encode_captions`."""
+    return next_token_loss(adapter.forward(batch), batch["input_ids"], batch["attention_mask"].bool())
+
+
+def train_captioner(model: torch.nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, *, pad_id: int = 0,
+                    steps: int = 100, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+                    progress: bool = True) -> list[float]:
+    """Train a bare ``model(pixel_values, input_ids) -> logits`` captioner on its trainable
+    parameters with `fit` (no warm-up or clipping), random batches; returns the losses.
+
+    Args:
+        pixel_values: (n, 3, H, W); input_ids: (n, T), padded with `pad_id`.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def loss_at(_step: int) -> torch.Tensor:
+        idx = torch.randint(0, len(input_ids), (min(batch_size, len(input_ids)),), generator=g)
+        ids = input_ids[idx]
+        return next_token_loss(model(pixel_values[idx], ids), ids, ids != pad_id)
+
+    model.train()
+    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=0.0, warmup=0, clip=None,
+                 desc=f"train {type(model).__name__}", progress=progress)
+    model.eval()
+    return losses
 
 
 @dataclass(frozen=True)

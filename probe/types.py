@@ -117,20 +117,9 @@ class HookSpec:
         return layer_of(self.name)
 
 
-@dataclass(frozen=True)
-class Hook:
-    """One hook of a block template: `suffix` after ``{stack}.blocks.{i}.`` (e.g. ``attn.pattern``)
-    at `module`, a path relative to the block (``""``: the block itself). Other fields as `HookSpec`."""
-
-    suffix: str
-    module: str
-    kind: HookKind
-    n_heads: int | None = None
-    approximate: bool = False
-    output_index: int | None = None
-    mask_arg: str | None = None
-    mask_base: str | None = None
-    shape: str = ""
+#: a hook of a block template: a `HookSpec` whose name is the part after ``{stack}.blocks.{i}.``
+#: (e.g. ``attn.pattern``) and whose module path is relative to the block (``""``: the block itself)
+Hook = HookSpec
 
 
 @dataclass(frozen=True)
@@ -150,9 +139,8 @@ def expand(blocks: Iterable[Block], extra: Iterable[HookSpec] = ()) -> list[Hook
         for i in range(b.depth):
             base = b.path.format(i=i)
             for h in b.hooks:
-                module = f"{base}.{h.module}" if h.module else base
-                specs.append(HookSpec(f"{b.stack}.blocks.{i}.{h.suffix}", module, h.kind, h.shape, h.n_heads,
-                                      h.approximate, h.output_index, h.mask_arg, h.mask_base))
+                specs.append(replace(h, name=f"{b.stack}.blocks.{i}.{h.name}",
+                                     module=f"{base}.{h.module}" if h.module else base))
     specs.extend(extra)
     return specs
 

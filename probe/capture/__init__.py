@@ -19,19 +19,7 @@ from probe.capture.engine import (
 from probe.capture.generation import capture_generation, generated_tokens
 
 __all__ = [
-    "ActivationCache",
-    "HasHooks",
-    "HeadReduction",
-    "Intervention",
-    "MaskTokens",
-    "Precomputed",
-    "Replace",
-    "ZeroHeads",
-    "capture",
-    "capture_generation",
-    "generated_tokens",
-    "intervene",
-    "record_outputs",
-    "reduce_heads",
-    "select_batch",
+    "ActivationCache", "HasHooks", "HeadReduction", "Intervention", "MaskTokens", "Precomputed",
+    "Replace", "ZeroHeads", "capture", "capture_generation", "generated_tokens", "intervene",
+    "record_outputs", "reduce_heads", "select_batch",
 ]

@@ -203,3 +203,12 @@ def test_a_config_too_big_for_memory_is_refused_before_allocating():
     with pytest.raises(ProbeError, match="GiB for its weights alone"):
         probe.load_model("vit-standard", weights="random", config={"dim": 65536, "heads": 4})
     assert time.perf_counter() - t < 10
+
+
+def test_no_untrained_checkpoint_is_saved(tmp_path, capsys):
+    data = tmp_path / "cifar"
+    write_two_class_cifar(data)
+    for flag in (["--epochs", "0"], ["--max-steps", "0"]):
+        out = tmp_path / "ckpt"
+        assert main(["train", "vit", "--data", str(data), "--out", str(out), *flag]) == 2
+        assert "must be >= 1" in capsys.readouterr().err and not out.exists()

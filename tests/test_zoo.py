@@ -96,3 +96,13 @@ def test_readme_zoo_table_is_current():
     start, end = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
     block = readme.split(start, 1)[1].split(end, 1)[0].strip()
     assert block == zoo.markdown_table(), "README zoo table is stale: paste the output of `probe zoo list` (the table)"
+
+
+def test_classification_samples_carry_masks_and_the_labelled_object():
+    """Issue 17.9: the zoo's data helpers give the masks and the index of the labelled object."""
+    data, samples, objects = zoo.classification_samples("test", 12)
+    assert len(data) == len(samples) == len(objects) == 12
+    for label, s, j in zip(data.labels, samples, objects, strict=True):
+        assert largest_object(s.masks, s.objects) == j
+        assert data.classes[label] == f"{s.objects[j].colour} {s.objects[j].shape}"
+        assert s.masks[j].sum() == max(m.sum() for m in s.masks)

@@ -1,5 +1,5 @@
 """Analyses. Importing this package registers each one (`probe.registry.register_analysis`)."""
 
-from probe.analyses import ablation, attention, ca_params, flow
+from probe.analyses import ablation, attention, ca_params, flow, rollout
 
-__all__ = ["ablation", "attention", "ca_params", "flow"]
+__all__ = ["ablation", "attention", "ca_params", "flow", "rollout"]

@@ -46,14 +46,20 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     `force`, and then replaced only after the new one is complete; an empty folder is fine. A file or
     a symbolic link at `target` is refused even with `force`.
 
+    Every folder written here holds a `MARKER` file: `force` replaces only a folder that holds one
+    (a previous output of probe), never a folder of the user's.
+
     Raises:
-        OutputExistsError: `target` is a file or a link, or a non-empty folder and `force` is False.
+        OutputExistsError: `target` is a file or a link, or a non-empty folder and `force` is False
+            or the folder was not written by probe.
     """
     target = Path(target)
     check_output(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".incomplete-{target.name}-", dir=target.parent))
+    os.chmod(stage, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
+        (stage / MARKER).write_text("written by probe; `--force` may replace this folder\n")
         yield stage
         check_output(target, force)  # again: something may have appeared meanwhile
         if force and target.exists():
@@ -72,6 +78,10 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise
 
 
+#: the file that marks a folder as written by probe (so `--force` may replace it)
+MARKER = ".probe-output"
+
+
 def check_output(target: str | Path, force: bool = False) -> None:
     """Refuse an output folder that `atomic_dir` would refuse (call it before long work)."""
     target = Path(target)
@@ -79,5 +89,9 @@ def check_output(target: str | Path, force: bool = False) -> None:
         raise OutputExistsError(f"{target} is a symbolic link; give the real folder or choose another one")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} is a file, not a folder; choose another output folder")
-    if not force and target.is_dir() and any(target.iterdir()):
-        raise OutputExistsError(f"{target} already exists and is not empty; pass --force to replace it")
+    if target.is_dir() and any(target.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{target} already exists and is not empty; pass --force to replace it")
+        if not (target / MARKER).is_file():
+            raise OutputExistsError(f"{target} was not written by probe, so --force will not replace it; "
+                                    "remove it yourself or choose another folder")

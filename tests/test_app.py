@@ -28,7 +28,7 @@ def test_app_empty_store(store_root):
 
 def test_app_shows_a_broken_run_as_broken(store_root):
     assert main(["run", "attention", "--weights", "random"]) == 0
-    bad = store_root / "20990101-000000-broken-run"
+    bad = store_root / "20990101-000000-attention-m-0a1b2c"  # a run id as probe makes them
     bad.mkdir()
     (bad / "manifest.json").write_text("[1, 2]")  # valid JSON, wrong shape
     at = AppTest.from_file(APP, default_timeout=30).run()

@@ -29,7 +29,7 @@ from probe.data.images import (
     to_rgb,
 )
 from probe.data.shapes import read_dataset, write_dataset
-from probe.io import OutputExistsError, atomic_dir
+from probe.io import MARKER, OutputExistsError, atomic_dir
 from probe.runs.results import AttentionResult
 from probe.runs.store import BrokenRunError, RunIdError, RunStore, UnknownRunError
 from probe.types import ProbeError
@@ -64,17 +64,23 @@ def test_write_dataset_refuses_a_non_empty_folder(user_folder):
     assert sorted(p.name for p in user_folder.parent.iterdir()) == ["d"]  # no staging folder left
 
 
-def test_force_replaces_only_once_the_new_folder_is_complete(user_folder):
-    with pytest.raises(RuntimeError), atomic_dir(user_folder, force=True) as tmp:
-        (tmp / "half").write_text("x")
-        assert (user_folder / "thesis.txt").is_file()  # still there while the new one is written
-        raise RuntimeError("crash while writing")
-    assert (user_folder / "thesis.txt").is_file() and not (user_folder / "half").exists()
+def test_force_replaces_only_probe_output_and_only_once_the_new_folder_is_complete(user_folder, tmp_path):
+    # a folder of the user's is never replaced, not even with --force (a hostile pass replaced probe/assets)
+    with pytest.raises(OutputExistsError, match="not written by probe") as e:
+        write_dataset(user_folder, 8, progress=False, force=True)
+    one_line(e)
+    assert (user_folder / "thesis.txt").read_text() == "four years of work"
 
-    write_dataset(user_folder, 8, progress=False, force=True)
-    assert not (user_folder / "thesis.txt").exists() and not (user_folder / "images" / "mine.png").exists()
-    assert len(read_dataset(user_folder)) == 8 + 1 + 1
-    assert sorted(p.name for p in user_folder.parent.iterdir()) == ["d"]  # no .old-* or .incomplete-* left
+    out = tmp_path / "out"
+    write_dataset(out, 4, progress=False)
+    with pytest.raises(RuntimeError), atomic_dir(out, force=True) as tmp:
+        (tmp / "half").write_text("x")
+        assert (out / "annotations.jsonl").is_file()  # still there while the new one is written
+        raise RuntimeError("crash while writing")
+    assert (out / "annotations.jsonl").is_file() and not (out / "half").exists()
+    write_dataset(out, 8, progress=False, force=True)
+    assert len(read_dataset(out)) == 8 + 1 + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "out"]  # no .old-* or .incomplete-* left
 
 
 def test_a_file_at_the_target_is_refused_even_with_force_and_an_empty_folder_is_fine(tmp_path):
@@ -218,16 +224,21 @@ def test_listing_removes_stale_staging_folders_only(tmp_path, caplog):
     store = RunStore(tmp_path)
     run = save(store)
     old = time.time() - 2 * 24 * 3600
-    for name in (".incomplete-a-1", ".deleting-b-2", ".old-c-3"):
+    for name in (".incomplete-a-1x2y3z4w", ".deleting-b-a1b2c3", ".old-c-0f1e2d3c"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "f").write_text("x")
+        (tmp_path / name / MARKER).write_text("x")  # what probe's staging folders hold
         os.utime(tmp_path / name, (old, old))
-    (tmp_path / ".incomplete-young-4").mkdir()  # a save may be in progress
+    (tmp_path / ".incomplete-young-4abcdefg").mkdir()  # a save may be in progress
     (tmp_path / ".keep").mkdir()  # not ours
+    for name in (".old-myconfig-abcdef", ".incomplete-notes.txt"):  # the user's, named alike: never touched
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine").write_text("keep")
+        os.utime(tmp_path / name, (old, old))
     with caplog.at_level(logging.INFO, logger="probe.runs.store"):
         assert [r.id for r in store.list()] == [run.id]
     assert [r.getMessage() for r in caplog.records] == [f"removed 3 stale staging folders from {tmp_path}"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".incomplete-young-4", ".keep", run.id]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".incomplete-notes.txt", ".incomplete-young-4abcdefg",
+                                                          ".keep", ".old-myconfig-abcdef", run.id]
 
 
 # ------------------------------------------------------------------ 4. images

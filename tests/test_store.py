@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+from probe.io import MARKER
 from probe.runs import store as store_mod
 from probe.runs.results import AttentionResult
 from probe.runs.store import RunStore
@@ -54,8 +55,9 @@ def test_crash_while_saving_leaves_nothing(tmp_path, monkeypatch):
 
 def test_killed_save_is_invisible_and_cleanable(tmp_path):
     s = RunStore(tmp_path)
-    half = tmp_path / ".incomplete-x-123"
+    half = tmp_path / ".incomplete-x-k3j9x0aa"  # as atomic_dir names and marks its staging folder
     half.mkdir()
+    (half / MARKER).write_text("")
     (half / "result.json").write_text("{")
     nomanifest = tmp_path / "20260101-000000-attention-m-abc"  # no manifest: not a run, never touched
     nomanifest.mkdir()
@@ -89,3 +91,19 @@ def test_result_checks_shapes_and_schema():
     maps = res.query_map(1, "cls")
     assert maps.shape == (2, 2, 2)
     torch.testing.assert_close(maps.flatten(1), res.arrays["vision.blocks.1.attn.pattern"][:, 0, 0, 1:5])
+
+
+def test_a_users_folder_with_its_own_manifest_is_not_a_run(tmp_path, monkeypatch):
+    """A hostile pass deleted a browser-extension folder (it has a manifest.json) from a folder used as
+    a store: only folders probe wrote are runs."""
+    s = RunStore(tmp_path)
+    ext = tmp_path / "webext"
+    ext.mkdir()
+    (ext / "manifest.json").write_text('{"name": "my extension", "version": "1.0"}')
+    (ext / "bg.js").write_text("console.log(1)")
+    assert s.list() == []
+    with pytest.raises(KeyError, match="is not a probe run"):
+        s.delete("webext")
+    assert (ext / "bg.js").is_file()
+    monkeypatch.setenv("PROBE_STORE", "")
+    assert RunStore().root.name == "probe-runs"  # an empty variable is unset, not the current folder

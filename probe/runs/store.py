@@ -36,22 +36,23 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe.io import OutputExistsError, atomic_dir
+from probe.io import MARKER, OutputExistsError, atomic_dir
 from probe.runs.results import Result, result_from_dict
 from probe.types import ProbeError
 
 DEFAULT_STORE_ENV = "PROBE_STORE"
 MANIFEST_VERSION = 1
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
-STAGING_PREFIXES = (".incomplete-", ".deleting-", ".old-")
+STAGING_RE = re.compile(r"\.(incomplete|deleting|old)-.+-[A-Za-z0-9_]{6,8}")  # what atomic_dir and delete name
+GENERATED_ID_RE = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9_.-]+-[0-9a-f]{6}")  # `RunStore.new_id`
 STALE_AFTER_S = 24 * 3600  # staging folders younger than this may belong to a save in progress
 
 logger = logging.getLogger(__name__)
 
 
 def default_store_root() -> Path:
-    """``$PROBE_STORE`` if set, else ``./probe-runs``."""
-    return Path(os.environ.get(DEFAULT_STORE_ENV, "probe-runs"))
+    """``$PROBE_STORE`` if set (and not empty), else ``./probe-runs``."""
+    return Path(os.environ.get(DEFAULT_STORE_ENV, "").strip() or "probe-runs")
 
 
 class RunIdError(ProbeError, ValueError):
@@ -206,11 +207,13 @@ class RunStore:
 
     def clean_incomplete(self, older_than: float = 0.0) -> int:
         """Remove staging folders (``.incomplete-*``, ``.deleting-*``, ``.old-*``) left by crashed saves
-        and deletes, last modified more than `older_than` seconds ago; returns how many."""
+        and deletes, last modified more than `older_than` seconds ago; returns how many. Only what
+        probe wrote goes: a folder named so that holds probe's output marker (or is empty), or a
+        link left by a delete; anything of the user's with a similar name stays."""
         n = 0
         now = time.time()
         for p in self.root.glob(".*"):
-            if not p.name.startswith(STAGING_PREFIXES):
+            if not STAGING_RE.fullmatch(p.name) or not _ours(p):
                 continue
             try:
                 if now - p.lstat().st_mtime < older_than:
@@ -258,9 +261,29 @@ class RunStore:
         return manifest, ""
 
 
+def _ours(p: Path) -> bool:
+    """Written by probe: a link left by a delete, or a folder with probe's output marker (or empty)."""
+    if p.is_symlink():
+        return p.name.startswith(".deleting-")
+    return p.is_dir() and ((p / MARKER).is_file() or not any(p.iterdir()))
+
+
 def _is_run(p: Path) -> bool:
-    """A run folder holds a manifest (possibly broken); a link in the store is a (broken) run too."""
-    return p.is_symlink() or (p.is_dir() and ((p / "manifest.json").is_file() or (p / "manifest.json").is_symlink()))
+    """A run: a folder holding a ``manifest.json`` (possibly broken) that probe wrote (its output
+    marker, a generated run id, or a probe manifest naming this id); a link in the store is listed
+    as a broken run (deleting it removes the link only). Any other folder is the user's."""
+    if p.is_symlink():
+        return True
+    m = p / "manifest.json"
+    if not p.is_dir() or not (m.is_file() or m.is_symlink()):
+        return False
+    if (p / MARKER).is_file() or GENERATED_ID_RE.fullmatch(p.name):
+        return True
+    try:
+        d = json.loads(m.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and "manifest_version" in d and d.get("id") == p.name
 
 
 def _check_id(run_id: str) -> str:

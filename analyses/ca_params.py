@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from probe.adapter import ModelAdapter
-from probe.analysis import Analysis, param
+from probe.analysis import Analysis, ParamError, param
 from probe.registry import register_analysis
 from probe.runs.results import CAParamsResult
 from probe.types import PARAM_GROUPS
@@ -47,6 +47,9 @@ class CAParams(Analysis):
     def run(self, adapters: Sequence[ModelAdapter], inputs: None, params: Params) -> CAParamsResult:
         out: dict[str, Any] = {}
         for a in adapters:
+            if params.text_tokens > a.max_caption_tokens + 1:
+                raise ParamError(f"--text-tokens {params.text_tokens}: {a.name} ({a.weights.ref}) has "
+                                 f"{a.max_caption_tokens + 1} text positions")
             out[a.name] = {"size": a.weights.ref, "fusion": a.capabilities.fusion,
                            "params": count_parameters(a), "flops": count_flops(a, params.text_tokens)}
         return CAParamsResult(models=out, full_size=params.full_size, text_tokens=params.text_tokens)

@@ -46,7 +46,7 @@ class Flow(Analysis):
 
     def resolve(self, adapter: Any, params: Params) -> Params:
         n = params.max_new_tokens or adapter.max_new_tokens
-        return dataclasses.replace(params, max_new_tokens=n)
+        return dataclasses.replace(params, max_new_tokens=n, top_k=min(params.top_k, adapter.grid[0] * adapter.grid[1]))
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> FlowResult:
         """Returns a `FlowResult`; arrays ``flow.rows`` (images, layers, steps, keys) hold the head-mean

@@ -176,6 +176,9 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
         if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != shape[-1]:
             raise ValueError(f"layer {layer} pattern must be (batch={shape[0]}, heads, {shape[-1]}, {shape[-1]}); "
                              f"got {tuple(p.shape)}")
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"layer {layer}'s attention holds NaN or inf (float16 overflows in some kinds: use "
+                             "--dtype bfloat16 or float32)")
         a = fuse_heads(stochastic_rows(p.double(), signed, layer=layer), fusion)
         a = add_residual(discard_smallest(a, discard_ratio, keep))
         joint = a if joint is None else a @ joint

@@ -16,7 +16,7 @@ import torch
 
 from probe.adapter import Captioner, Specials
 from probe.types import WeightsInfo
-from probe.weights import from_pretrained, hf_part
+from probe.weights import CheckpointError, from_pretrained, hf_part, read_json
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,17 @@ class HFCaptioner(Captioner):
 
     @classmethod
     def _load(cls, ref: str, local_only: bool) -> Self:
-        adapter = cls(from_pretrained(cls._klass(cls.model_class), ref, local_only),
+        klass = cls._klass(cls.model_class)
+        folder = Path(ref)
+        if folder.is_dir():  # say which family a folder holds before transformers tries to read it as ours
+            found = read_json(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
+            if found != klass.config_class.model_type:
+                raise CheckpointError(f"{ref} holds a {found or 'non-transformers'} checkpoint; {cls.name} loads "
+                                      f"{klass.config_class.model_type} checkpoints: use the model it was saved from")
+            if not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
+                raise CheckpointError(f"{ref} has no tokenizer (tokenizer.json, vocab.txt or vocab.json): captions "
+                                      "cannot be decoded; save the tokenizer with the model (adapter.save does)")
+        adapter = cls(from_pretrained(klass, ref, local_only),
                       tokenizer=hf_part(cls._klass("AutoTokenizer"), ref, local_only))
         if Path(ref).is_dir() and not (Path(ref) / "preprocessor_config.json").is_file():
             log.warning("%s: %s has no preprocessor_config.json; using the model config's image size", cls.name, ref)

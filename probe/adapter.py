@@ -90,10 +90,21 @@ class ModelAdapter(abc.ABC):
             raise ProbeError(f"weights {weights!r}: use auto, pretrained, demo, random, meta, a hub id or a folder")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ProbeError(f"dtype {dtype!r}: give a floating torch dtype, e.g. torch.float32 or torch.bfloat16")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ProbeError(f"device {device!r}: no CUDA device is available; use cpu")
+        if config is not None and weights not in ("random", "meta", "auto"):
+            raise ProbeError(f"config sizes what is built (weights random, meta or an auto fallback); weights "
+                             f"{weights!r} come with their own config")
         def build(meta: bool) -> Self:
             if not meta:  # size it on the meta device first: a typo'd config must not fill the memory
-                with torch.device("meta"):
-                    _fits_in_memory(cls._build(config, True), cls.name)
+                try:
+                    with torch.device("meta"):
+                        _fits_in_memory(cls._build(config, True), cls.name)
+                except (ZeroDivisionError, TypeError, ValueError, AssertionError) as e:
+                    if isinstance(e, ProbeError):
+                        raise
+                    raise ProbeError(f"{cls.name}: config {config} does not describe a valid model "
+                                     f"({type(e).__name__}: {e})") from None
             return cls._build(config, meta)
 
         adapter, info = resolve(weights, name=cls.name, hub_id=cls.hub_id, auto=cls.auto, seed=seed,
@@ -400,6 +411,10 @@ class Captioner(ModelAdapter):
             (captions as `caption` returns them, cache whose ``meta`` has the generated tokens and
             a ``text`` span over them).
         """
+        if generate_kwargs.get("num_beams", 1) != 1:
+            raise ValueError("generate_with_cache decodes greedily: beams reorder the batch between steps, so the "
+                             "captured rows would mix beams; use caption(num_beams=...) without capture")
+        generate_kwargs.pop("num_beams", None)
         px = self.preprocess(images)["pixel_values"]
         n = self._length(max_new_tokens)
         with capture_generation(self, hooks, heads=heads, reduce=reduce, dtype=dtype, device=device) as cache:

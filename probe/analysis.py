@@ -68,6 +68,8 @@ def validate(params: Any) -> Any:
             raise ParamError(f"{flag(f.name)} is required")
         if tp is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
+        if isinstance(v, float) and v != v:
+            raise ParamError(f"{flag(f.name)} is NaN: give a number")
         if tp in (int, float, str, bool) and (not isinstance(v, tp) or (tp is int and isinstance(v, bool))):
             raise ParamError(f"{flag(f.name)} must be {tp.__name__}, got {v!r}")
         m = f.metadata
@@ -175,12 +177,14 @@ class Analysis(abc.ABC):
         e.g. ``Flow()(adapter, images, max_new_tokens=5)``; no store, no manifest."""
         for a in adapter if self.many_models else [adapter]:
             why = self.check(a.name, a.capabilities) or self.check_hooks(a.name, a.hook_specs())
+            if self.reads_images and a.weights.source == "meta":
+                why = f"{a.name} was loaded with weights meta (no weights): {self.name} needs real weights"
             if why:
                 raise ProbeError(why)
         if self.reads_images and not images:
             raise ProbeError(f"{self.name} needs images: give a list of PIL images or an ImageSet")
         if images is not None and not isinstance(images, ImageSet):
-            images = ImageSet.from_images(images, names)
+            images = ImageSet.from_images([images] if hasattr(images, "mode") else images, names)
         return self.run(adapter, images, self.resolve(adapter, to_params(self.Params, params)))
 
     def render(self, result: Any) -> dict[str, Figure]:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the fusion table of the captioners (Markdown), generated from the adapters")
 
     pr = sub.add_parser("runs", help="list, show or delete saved runs")
-    pr.add_argument("--out", type=Path, default=None, help="run store folder")
+    pr.add_argument("--out", type=_folder, default=None, help="run store folder")
     what = pr.add_mutually_exclusive_group()
     what.add_argument("--show", metavar="RUN_ID")
     what.add_argument("--delete", metavar="RUN_ID")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = pd.add_subparsers(dest="dataset", required=True)
     ps = dsub.add_parser("shapes", help="write the probe-shapes data set (images + annotations.jsonl)")
     ps.add_argument("--n", type=int, default=1000, help="train images (val and test get n // 8 each)")
-    ps.add_argument("--out", type=Path, required=True)
+    ps.add_argument("--out", type=_folder, required=True)
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", type=int, default=64, help="image side in pixels")
     ps.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     zsub.add_parser("list", help="bundled checkpoints with their model-card metrics")
     zt = zsub.add_parser("train", help="train FAMILY from its recipe (see probe.zoo.RECIPES)")
     zt.add_argument("family")
-    zt.add_argument("--out", type=Path, default=None, help="checkpoint folder (default probe-zoo/FAMILY)")
+    zt.add_argument("--out", type=_folder, default=None, help="checkpoint folder (default probe-zoo/FAMILY)")
     zt.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     zt.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     zt.add_argument("--threads", type=int, default=None, help="torch threads (the cards record theirs)")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = tsub.add_parser("vit", help="train a from-scratch ViT classifier")
     pv.add_argument("--attention", default="standard", help="standard, merged_qkv, linformer, performer, nystrom, hybrid")
     pv.add_argument("--data", type=Path, required=True, help="CIFAR-10 python batches, or class-per-subfolder images")
-    pv.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    pv.add_argument("--out", type=_folder, required=True, help="checkpoint folder to write")
     pv.add_argument("--epochs", type=int, default=1)
     pv.add_argument("--batch-size", type=int, default=64)
     pv.add_argument("--lr", type=float, default=1e-3)
@@ -154,6 +154,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     store = RunStore(args.out)
+    if store.root.is_file():
+        raise CLIError(f"--out {store.root} is a file: give the run store folder")
     if args.delete:
         store.delete(args.delete)
         print(f"deleted {args.delete}")
@@ -199,10 +201,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         print(zoo.markdown_table())
         print(f"\ntotal bundled: {zoo.size_bytes() / 1e6:.2f} MB in {zoo.ZOO_DIR}")
         return 0
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads {args.threads}: give at least 1")
-    if args.seed is not None and args.seed < 0:
-        raise CLIError(f"--seed {args.seed}: give a seed >= 0")
+    if args.threads is not None and not 1 <= args.threads <= 4 * (os.cpu_count() or 1):
+        raise CLIError(f"--threads {args.threads}: give 1 to {4 * (os.cpu_count() or 1)} (this machine has "
+                       f"{os.cpu_count()} cores)")
+    _seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("probe-zoo") / args.family
@@ -214,6 +216,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    _seed(args.seed)
     if args.n < 1 or not 8 <= args.size <= 1024:
         raise CLIError(f"--n {args.n} / --size {args.size}: give at least 1 image of 8 to 1024 pixels")
     out = write_dataset(args.out, args.n, seed=args.seed, image_size=args.size, force=args.force)
@@ -223,6 +226,9 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 
 def cmd_train_vit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    _seed(args.seed)
+    if args.data.is_file():
+        raise CLIError(f"--data {args.data} is a file: give a folder of CIFAR-10 batches or of class folders")
     for flag, v in (("--dim", args.dim), ("--depth", args.depth), ("--heads", args.heads),
                     ("--patch-size", args.patch_size), ("--image-size", args.image_size)):
         if v < 1:
@@ -234,6 +240,9 @@ def cmd_train_vit(args: argparse.Namespace) -> int:
     check_output(args.out, args.force)  # before any training
     train = load_labelled(args.data, "train", args.image_size)
     test = load_labelled(args.data, "test", args.image_size)
+    if test.classes != train.classes:
+        raise CLIError(f"--data {args.data}: the test classes {test.classes} differ from the training classes "
+                       f"{train.classes}; give test/ the same class folders as train/")
     name = VIT_KINDS[args.attention].name
     config = {"image_size": args.image_size, "patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
               "heads": args.heads, "num_classes": len(train.classes), "labels": tuple(train.classes)}
@@ -247,6 +256,11 @@ def cmd_train_vit(args: argparse.Namespace) -> int:
     print(f"test top-1 {report.top1:.4f}  top-5 {report.top5:.4f}  ({report.steps} steps, {report.seconds:.1f} s)")
     print(f"saved checkpoint {args.out}; use it with --model {name} --weights {args.out}")
     return 0
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < 2**63:
+        raise CLIError(f"--seed {seed}: give a whole number from 0 to 2**63 - 1")
 
 
 def _folder(text: str) -> Path:
@@ -270,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging  # heavy: only for commands that load models
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # transformers resets its logger's level when it configures it
     commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data_shapes,
                 "train": cmd_train_vit}
     try:

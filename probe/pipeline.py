@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -154,6 +155,8 @@ def inputs_for(analysis: Analysis, spec: RunSpec) -> ImageSet | None:
 
 def execute(spec: RunSpec) -> Outcome:
     """Run `spec` end to end and save it (unless ``spec.save`` is False); see the module docstring."""
+    if isinstance(spec.weights, os.PathLike):  # a folder given as a Path
+        spec = dataclasses.replace(spec, weights=os.fspath(spec.weights))
     p = plan(spec)
     analysis, params = p.analysis, p.params
     device, dtype = resolve_device(spec.device), DTYPES[spec.dtype]

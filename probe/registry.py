@@ -74,12 +74,16 @@ def analyses() -> dict[str, Any]:
 
 
 def model_entry(name: str) -> ModelEntry:
+    if not isinstance(name, str):
+        raise UnknownNameError(f"a model name is a string; got {name!r}. Known models: {', '.join(sorted(_MODELS))}")
     if name not in _MODELS:
         raise _unknown("model", name, list(_MODELS))
     return _MODELS[name]
 
 
 def analysis(name: str) -> Any:
+    if not isinstance(name, str):
+        raise UnknownNameError(f"an analysis name is a string; got {name!r}. Known: {', '.join(sorted(_ANALYSES))}")
     if name not in _ANALYSES:
         raise _unknown("analysis", name, list(_ANALYSES))
     return _ANALYSES[name]

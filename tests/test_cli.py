@@ -167,7 +167,8 @@ def test_bad_values_are_refused_before_any_work(store_root, capsys):
     (["runs", "--show", "x", "--delete", "x"], "not allowed with argument"),
     (["run", "attention", "--model", "xattn-cond"], "does not offer"),
     (["run", "attention", "--model", "vit-performer", "--dtype", "float16"], "non-finite values"),
-    (["run", "flow", "--model", "blip", "--weights", "probe/assets/zoo/git"], "does not match the model"),
+    (["run", "flow", "--model", "blip", "--weights", "probe/assets/zoo/git"], "holds a git checkpoint"),
+    (["run", "attention", "--model", "hf-vit", "--weights", "probe/assets/zoo/blip"], "does not match the model"),
     (["run", "attention", "--images", ""], "image path is empty"),
 ])
 def test_hostile_values_are_one_line_refusals(argv, says, store_root, capsys):
@@ -212,3 +213,44 @@ def test_no_untrained_checkpoint_is_saved(tmp_path, capsys):
         out = tmp_path / "ckpt"
         assert main(["train", "vit", "--data", str(data), "--out", str(out), *flag]) == 2
         assert "must be >= 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_second_hostile_pass_cases(store_root, tmp_path, capsys):
+    """Cases a second hostile pass found: each is one line, nothing saved or lost."""
+    import shutil
+
+    import probe
+    from probe.capture import MaskTokens, ZeroHeads
+    from probe.types import ProbeError
+    from probe.weights import ZOO_DIR
+
+    bad = [
+        (["zoo", "train", "blip", "--steps", "2", "--threads", "100000"], "--threads 100000"),
+        (["train", "vit", "--data", str(tmp_path), "--out", str(tmp_path / "c"), "--seed", "-1"], "--seed -1"),
+        (["data", "shapes", "--n", "1", "--out", str(tmp_path / "d"), "--seed", str(2**70)], "--seed"),
+        (["run", "ca-params", "--model", "blip", "--text-tokens", "40"], "text positions"),
+        (["run", "rollout", "--discard-ratio", "nan"], "is NaN"),
+    ]
+    for argv, says in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, (argv, err)
+    # a blip folder without its tokenizer is refused at load (it captioned '' before)
+    folder = tmp_path / "blip-no-tok"
+    shutil.copytree(ZOO_DIR / "blip", folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ProbeError, match="has no tokenizer"):
+        probe.load_model("blip", weights=str(folder))
+    vit = probe.load_model("vit-standard", weights="random", config={"image_size": 32, "patch_size": 8, "dim": 32})
+    batch = vit.preprocess([Image.new("RGB", (32, 32))])
+    for iv in (ZeroHeads("vision.blocks.0.attn.z", [1.5]), MaskTokens([1.5])):
+        with pytest.raises(ValueError, match="whole numbers"), probe.intervene(vit, [iv]):
+            vit.forward(batch)
+    with pytest.raises(ProbeError, match="does not describe a valid model"):
+        probe.load_model("vit-standard", weights="random", config={"heads": 0})
+    with pytest.raises(ProbeError, match="come with their own config"):
+        probe.load_model("vit-standard", weights="demo", config={"dim": 8})
+    with pytest.raises(ValueError, match="decodes greedily"):
+        probe.load_model("blip").generate_with_cache([Image.new("RGB", (8, 8))], num_beams=2)
+    assert RunStore(store_root).list() == []

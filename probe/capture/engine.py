@@ -200,6 +200,11 @@ class Precomputed:
 Intervention = ZeroHeads | Replace | MaskTokens | Precomputed
 
 
+def _whole(indices: Sequence[Any], what: str) -> None:
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+        raise ValueError(f"{what} must be whole numbers (or give a bool mask tensor); got {list(indices)!r:.80}")
+
+
 def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
     if isinstance(heads, torch.Tensor):
         if heads.dtype != torch.bool:
@@ -208,6 +213,7 @@ def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, re
             raise ValueError(f"ZeroHeads mask must be (batch={batch}, heads={n_heads}); got {tuple(heads.shape)}")
         zero = heads.to(device=ref.device, dtype=torch.bool)
     else:
+        _whole(heads, "ZeroHeads heads")
         bad = [h for h in heads if not 0 <= h < n_heads]
         if bad:
             raise ValueError(f"heads {bad} out of range: this layer has {n_heads} heads")
@@ -242,6 +248,7 @@ def _token_keep_fn(tokens: Sequence[int] | torch.Tensor) -> sites.KeyMaskFn:
             keep[:, : removed.shape[1]] = ~removed
             return keep
         keep = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+        _whole(tokens, "MaskTokens positions")
         bad = [t for t in tokens if not -n_keys <= t < n_keys]
         if bad:
             raise ValueError(f"token positions {bad} out of range: this attention has {n_keys} keys")

@@ -34,7 +34,7 @@ from torch import nn
 
 from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
 from probe.capture.cache import ActivationCache
-from probe.capture.engine import capture
+from probe.capture.engine import capture, standing_in
 from probe.capture.generation import capture_generation, generated_tokens
 from probe.data import to_rgb
 from probe.io import atomic_dir
@@ -138,6 +138,9 @@ class ModelAdapter(abc.ABC):
         """Write the checkpoint to `folder` atomically (loadable with ``weights=folder``); `extra`
         (JSON facts, e.g. a training card) is merged into its config.json. A non-empty existing
         `folder` is refused unless `force` (see `probe.io.atomic_dir`)."""
+        if swapped := standing_in(self.model):  # their parameters are out of the module tree meanwhile
+            raise ProbeError(f"{self.name}: cannot save while a Precomputed intervention stands in for "
+                             f"{', '.join(swapped)} (in another thread?); save after it ends")
         with atomic_dir(folder, force=force) as tmp:
             self._save(tmp)
             if extra:

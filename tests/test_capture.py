@@ -218,3 +218,16 @@ def test_precomputed_and_bridges_are_safe_across_threads():
     torch.testing.assert_close(got["plain"], want)
     assert got["calls"] == 1
     assert a.module("vision_model") is tower and sites.active_site_count() == 0
+
+
+def test_saving_while_a_stand_in_is_active_is_refused(tmp_path):
+    from probe.capture import Precomputed
+    from probe.types import ProbeError
+
+    a = load_model("mmca", weights="demo")
+    with intervene(a, [Precomputed("vision.output", torch.zeros(1))]):
+        with pytest.raises(ProbeError, match="cannot save while a Precomputed"):
+            a.save(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    a.save(tmp_path / "ckpt")  # after the block the whole model is back
+    assert load_model("mmca", weights=str(tmp_path / "ckpt")).weights.source == "local"

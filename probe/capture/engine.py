@@ -360,6 +360,11 @@ class _StandIn(nn.Module):
         return output(*args, **kwargs) if callable(output) else output
 
 
+def standing_in(model: nn.Module) -> list[str]:
+    """Paths of the modules of `model` that a `Precomputed` (in any thread) stands in for right now."""
+    return [name for name, m in model.named_modules() if isinstance(m, _StandIn)]
+
+
 class _Swap:
     def __init__(self, parent: nn.Module, child: str, original: nn.Module) -> None:
         self.parent, self.child, self.original = parent, child, original

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,12 +198,13 @@ def vision_outputs(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torc
 
 @torch.no_grad()
 def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.Tensor, ids: torch.Tensor,
-                   mask: torch.Tensor, vision: Any, max_new_tokens: int | None,
+                   mask: torch.Tensor, vision: Any | None, max_new_tokens: int | None,
                    generate: bool) -> tuple[torch.Tensor, list[str], list[list[str]]]:
     """Mean log-prob of the reference caption per row, and (if `generate`) captions under each row's variant."""
     idx = torch.tensor([i for _, i in rows])
     rpx, rids, rmask = px[idx], ids[idx], mask[idx]
-    with vision_once(adapter, vision, idx), intervene(adapter, interventions_for(adapter, rows)):
+    with (vision_once(adapter, vision, idx) if vision is not None else nullcontext()), \
+            intervene(adapter, interventions_for(adapter, rows)):
         logits = adapter.forward(_text_batch(adapter, rpx, rids, rmask)).float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rids[:, 1:, None].to(logits.device))[..., 0]
         m = rmask[:, 1:].to(logp.device).float()
@@ -371,7 +372,8 @@ def evaluate_variants(
     images), and with `generate` the greedy caption texts and tokens [variant][image].
 
     Batched: (variant, image) rows packed `batch_size` at a time, each image's vision features
-    computed once. `loop`: one forward per variant (the reference the batched path must equal).
+    computed once. `loop`: one whole forward per variant, vision tower included (the naive
+    reference the batched path must equal).
     """
     n = px.shape[0]
     rows = [(v, i) for v in variants for i in range(n)]
@@ -380,7 +382,8 @@ def evaluate_variants(
     texts: list[list[str]] = [[""] * n for _ in variants]
     tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
     vindex = {id(v): j for j, v in enumerate(variants)}
-    vision = vision_outputs(adapter, px, ids, mask)
+    # the batched path runs the vision tower once; the reference loop is the naive one: a whole forward per variant
+    vision = None if loop else vision_outputs(adapter, px, ids, mask)
     for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
         mean, tx, tk = _evaluate_rows(adapter, chunk, px, ids, mask, vision, max_new_tokens, generate)
         for r, (v, i) in enumerate(chunk):

@@ -24,7 +24,7 @@ from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import FlowResult
 from probe.types import InputMeta, layer_of
-from probe.viz.figures import grid, no_ticks, overlay, short
+from probe.viz.figures import grid, short, token_maps
 
 MAX_IMAGES = 4
 MAX_TOKENS = 12
@@ -125,33 +125,14 @@ def _meta_dict(meta: InputMeta) -> dict[str, Any]:
 
 
 def render_token_maps(result: FlowResult, layer: int | None = None) -> Figure:
-    """Per image (rows): the image, then one panel per generated token with its head-mean
-    attention over the patches (mean over layers, or one `layer`) overlaid on the image."""
-    n_img = min(len(result.image_names), MAX_IMAGES)
-    n_tok = min(max((len(t) for t in result.tokens), default=0), MAX_TOKENS)
-    cols = 1 + max(n_tok, 1)
-    fig, axes = grid(n_img, cols, (1.6 * cols, 1.8 * n_img + 0.5))
-    images = result.arrays["input.image"]
-    for r in range(n_img):
-        img = images[r].numpy()
-        axes[r][0].imshow(img)
-        axes[r][0].set_title(short(result.image_names[r]) + "\n" + short(result.captions[r], 28), fontsize=6)
-        maps = result.patch_maps(r, layer)
-        vmax = float(maps.max()) if maps.numel() else 1.0  # one scale per image: uniform looks flat
-        for c in range(1, cols):
-            s = c - 1
-            if s < len(result.tokens[r]):
-                overlay(axes[r][c], img, maps[s].numpy(), vmin=0.0, vmax=vmax or 1.0)
-                mass = float(result.arrays["flow.image_mass"][r, s].mean())
-                axes[r][c].set_title(f"{short(result.tokens[r][s], 10)}\nimg {mass:.2f}", fontsize=6)
-            else:
-                axes[r][c].axis("off")
-    no_ticks(axes)
+    """Per image: one panel per generated token with its head-mean attention over the patches
+    (mean over layers, or one `layer`) overlaid on the image."""
     where = "mean over layers" if layer is None else f"layer {layer}"
-    fig.suptitle(f"{result.model}: attention of each generated token on the patches ({where}, mean over heads)",
-                 fontsize=8)
-    fig.tight_layout()
-    return fig
+    return token_maps(result.arrays["input.image"], result.image_names, result.captions, result.tokens,
+                      lambda r: result.patch_maps(r, layer),
+                      lambda r, s: float(result.arrays["flow.image_mass"][r, s].mean()),
+                      f"{result.model}: attention of each generated token on the patches ({where}, mean over heads)",
+                      MAX_IMAGES, MAX_TOKENS)
 
 
 def render_mass(result: FlowResult) -> Figure:

@@ -43,7 +43,7 @@ from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import Result
 from probe.types import VISION_PATTERN, InputMeta, ProbeError, layer_of, select
-from probe.viz.figures import grid, no_ticks, overlay, short
+from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
 FUSIONS = ("mean", "max", "min")
 SIGNED = ("positive", "refuse")
@@ -251,9 +251,6 @@ class RolloutResult(Result):
         if self.captioner and (self.tokens is None or self.captions is None or len(self.tokens) != b
                                or any(len(t) > r.shape[1] for t in self.tokens)):
             raise ValueError("a captioner's rollout needs one token list and caption per image, within its steps")
-
-    def input_meta(self) -> InputMeta:
-        return InputMeta.from_dict(self.meta)
 
     def patch_map(self, image: int) -> torch.Tensor:
         """Encoders: the CLS row of the rollout over the patches, on the grid (rows, cols)."""
@@ -525,30 +522,9 @@ def render_cls_maps(result: RolloutResult) -> Figure:
 
 
 def render_token_maps(result: RolloutResult) -> Figure:
-    """Per image (rows): the image, then one panel per generated token with its rollout over the
-    input patches (one colour scale per image)."""
+    """Per image: one panel per generated token with its rollout over the input patches."""
     assert result.tokens is not None and result.captions is not None
-    n_img = min(len(result.image_names), MAX_IMAGES)
-    n_tok = min(max((len(t) for t in result.tokens), default=0), MAX_TOKENS)
-    cols = 1 + max(n_tok, 1)
-    fig, axes = grid(n_img, cols, (1.6 * cols, 1.8 * n_img + 0.5))
-    images = result.arrays["input.image"]
-    for r in range(n_img):
-        img = images[r].numpy()
-        axes[r][0].imshow(img)
-        axes[r][0].set_title(short(result.image_names[r]) + "\n" + short(result.captions[r], 28), fontsize=6)
-        maps = result.token_maps(r)
-        vmax = float(maps.max()) if maps.numel() else 1.0
-        for c in range(1, cols):
-            s = c - 1
-            if s < len(result.tokens[r]):
-                overlay(axes[r][c], img, maps[s].numpy(), vmin=0.0, vmax=vmax or 1.0)
-                mass = float(result.arrays["rollout"][r, s].sum())
-                axes[r][c].set_title(f"{short(result.tokens[r][s], 10)}\nimg {mass:.2f}", fontsize=6)
-            else:
-                axes[r][c].axis("off")
-    no_ticks(axes)
-    fig.suptitle(f"{result.model}: each generated token's text->image attention (mean over text layers) "
-                 f"through the {_what(result)}", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return token_maps(result.arrays["input.image"], result.image_names, result.captions, result.tokens,
+                      result.token_maps, lambda r, s: float(result.arrays["rollout"][r, s].sum()),
+                      f"{result.model}: each generated token's text->image attention (mean over text layers) "
+                      f"through the {_what(result)}", MAX_IMAGES, MAX_TOKENS)

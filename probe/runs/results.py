@@ -33,6 +33,10 @@ class Result:
             raise ValueError(f"result kind {cls.kind!r} is defined twice")
         _TYPES[cls.kind] = cls
 
+    def input_meta(self) -> InputMeta:
+        """The `InputMeta` of a result that stores one in its ``meta`` field."""
+        return InputMeta.from_dict(self.meta)  # type: ignore[attr-defined]
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arrays"}
         return {"kind": self.kind, "schema_version": self.schema_version, **d}
@@ -95,9 +99,6 @@ class AttentionResult(Result):
         img = self.arrays.get("input.image")
         if img is not None and (img.dim() != 4 or img.shape[0] != b or img.shape[-1] != 3):
             raise ValueError(f"input.image must be (batch={b}, H, W, 3); got {tuple(img.shape)}")
-
-    def input_meta(self) -> InputMeta:
-        return InputMeta.from_dict(self.meta)
 
     def pattern(self, layer: int) -> torch.Tensor:
         return self.arrays[VISION_PATTERN.format(i=layer)]
@@ -164,9 +165,6 @@ class FlowResult(Result):
             raise ValueError("one token list and one caption per image")
         if any(len(t) > rows.shape[2] for t in self.tokens):
             raise ValueError("more tokens than captured steps")
-
-    def input_meta(self) -> InputMeta:
-        return InputMeta.from_dict(self.meta)
 
     def patch_maps(self, image: int, layer: int | None = None) -> torch.Tensor:
         """Head-mean attention of each generated token on the patches, on the grid:

@@ -296,7 +296,7 @@ class Ablation(Analysis):
         batch_size: int = param(64, "variant x image rows per forward", min=1)
         generate: bool = param(True, "also caption under each variant (--no-generate: log-probs only)")
         loop: bool = param(False, "one forward per variant (the reference the batched path equals)")
-        baseline_seed: int = param(0, "seed of the random-patch baselines", min=0)
+        baseline_seed: int = param(0, "seed of the random-patch baselines", min=0, max=2**63 - 1)
 
     def resolve(self, adapter: Any, params: Params) -> Params:
         n_patch = adapter.grid[0] * adapter.grid[1]

@@ -230,6 +230,7 @@ def test_second_hostile_pass_cases(store_root, tmp_path, capsys):
         (["data", "shapes", "--n", "1", "--out", str(tmp_path / "d"), "--seed", str(2**70)], "--seed"),
         (["run", "ca-params", "--model", "blip", "--text-tokens", "40"], "text positions"),
         (["run", "rollout", "--discard-ratio", "nan"], "is NaN"),
+        (["run", "ablation", "--baseline-seed", str(2**70)], "--baseline-seed"),
     ]
     for argv, says in bad:
         assert main(argv) == 2, argv

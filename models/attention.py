@@ -107,8 +107,10 @@ class StandardAttention(_Attention):
             mask = allowed if mask is None else (mask + allowed).clamp_min(torch.finfo(q.dtype).min)
         p = self.cfg.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        if sites.wants_pattern(self):
-            sites.emit_pattern(self, PatternSource(q, k, self.scale, mask))
+        if sites.wants_pattern(self) or sites.wants_grad(self):
+            source = PatternSource(q, k, self.scale, mask)
+            sites.emit_pattern(self, source)
+            out = sites.attend(self, source, v, out)
         return self.merge(out)
 
 
@@ -151,14 +153,16 @@ class LinformerAttention(_Attention):
         vp = torch.einsum("bkn,bhnd->bhkd", Fm.expand(b, -1, -1), v)
         P = torch.softmax(torch.matmul(q, kp.transpose(-1, -2)) * self.scale, dim=-1)
         out = torch.matmul(F.dropout(P, self.cfg.dropout, self.training), vp)
-        if sites.wants_pattern(self):
+        if sites.wants_pattern(self) or sites.wants_grad(self):
             Fb = Fm.expand(b, -1, -1)
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
                 Ps = select_rows(select_heads(P, heads), rows)
-                return torch.einsum("bhqk,bkn->bhqn", Ps, Fb).float()
+                return sites.at_least_float32(torch.einsum("bhqk,bkn->bhqn", Ps, Fb))
 
-            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+            source = PatternSource(compute=effective, approximate=True, n_heads=self.heads)
+            sites.emit_pattern(self, source)
+            out = sites.attend(self, source, v, out)
         return self.merge(out)
 
 
@@ -221,13 +225,15 @@ class PerformerAttention(_Attention):
         kv = torch.matmul(pk.transpose(-1, -2), v)  # (b, h, m, d)
         denom = torch.matmul(pq, pk.sum(dim=2, keepdim=True).transpose(-1, -2))  # (b, h, n, 1)
         out = torch.matmul(pq, kv) / denom.clamp_min(1e-30)
-        if sites.wants_pattern(self):
+        if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
                 a = torch.matmul(select_rows(select_heads(pq, heads), rows), select_heads(pk, heads).transpose(-1, -2))
-                return (a / a.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+                return sites.at_least_float32(a / a.sum(-1, keepdim=True).clamp_min(1e-30))
 
-            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+            source = PatternSource(compute=effective, approximate=True, n_heads=self.heads)
+            sites.emit_pattern(self, source)
+            out = sites.attend(self, source, v, out)
         return self.merge(out)
 
 
@@ -276,13 +282,15 @@ class NystromAttention(_Attention):
         B = torch.softmax(scores_b, dim=-1)
         Ainv = iterative_pinv(A, self.iters)
         out = Fm @ (Ainv @ (B @ v))
-        if sites.wants_pattern(self):
+        if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
                 left = select_rows(select_heads(Fm, heads), rows) @ select_heads(Ainv, heads)
-                return (left @ select_heads(B, heads)).float()
+                return sites.at_least_float32(left @ select_heads(B, heads))
 
-            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+            source = PatternSource(compute=effective, approximate=True, n_heads=self.heads)
+            sites.emit_pattern(self, source)
+            out = sites.attend(self, source, v, out)
         return self.merge(out)
 
 
@@ -346,7 +354,7 @@ class HybridAttention(_Attention):
         glob = (pq @ (pk.transpose(-1, -2) @ v)) / denom.clamp_min(1e-30)
         g = torch.sigmoid(self.gate).view(1, -1, 1, 1).to(q.dtype)
         out = g * local + (1 - g) * glob
-        if sites.wants_pattern(self):
+        if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
                 qs = select_rows(select_heads(q, heads), rows)
@@ -356,9 +364,11 @@ class HybridAttention(_Attention):
                 a = select_rows(select_heads(pq, heads), rows) @ select_heads(pk, heads).transpose(-1, -2)
                 pg = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
                 gs = select_heads(g.expand(1, self.heads, 1, 1), heads)
-                return (gs * pl + (1 - gs) * pg).float()
+                return sites.at_least_float32(gs * pl + (1 - gs) * pg)
 
-            sites.emit_pattern(self, PatternSource(compute=effective, approximate=True, n_heads=self.heads))
+            source = PatternSource(compute=effective, approximate=True, n_heads=self.heads)
+            sites.emit_pattern(self, source)
+            out = sites.attend(self, source, v, out)
         return self.merge(out)
 
 

@@ -63,6 +63,7 @@ class CrossAttentionConditioning(nn.Module):
         v = self.to_v(context).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         keep = _keep(self, key_padding_mask, b, s, x.device)
         p = _masked_softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5, keep)
+        sites.emit_grad(self, p)
         if sites.wants_pattern(self):
             sites.emit_pattern(self, PatternSource(
                 compute=lambda hs, rs: sites.select_rows(sites.select_heads(p, hs), rs).float(), n_heads=self.heads))

@@ -73,6 +73,7 @@ class MMCAAttention(nn.Module):
                              sites.key_keep(self.text_site, b, nt, txt.device))
         p_ti = self._softmax(qt @ kv.transpose(-1, -2) * self.scale, sites.key_keep(self.cross_site, b, nv, vis.device))
         for site, p in ((self.vision_site, p_vv), (self.text_site, p_tt), (self.cross_site, p_ti)):
+            sites.emit_grad(site, p)
             if sites.wants_pattern(site):
                 sites.emit_pattern(site, _fixed(p))
         return self._merge(p_vv @ vv), self._merge(p_tt @ vt + p_ti @ vv)

@@ -115,8 +115,10 @@ class PrefixVLM(EncodeDecodeCaptioner):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) -> prefix (b, 1 + patches, d_model)."""
-        with torch.no_grad():
+        """(b, 3, H, W) -> prefix (b, 1 + patches, d_model). In training the frozen ViT runs without
+        a graph (its weights get no gradient anyway); in eval gradients reach the pixels and the ViT's
+        attention, which attribution methods need."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
             feats = self.vision(pixel_values=pixel_values).last_hidden_state
         return self.proj(feats)
 

@@ -368,6 +368,41 @@ class Captioner(ModelAdapter):
         # no mask means every token is real (and keeps meta-device FLOP counting free of .item())
         return self._logits(batch["pixel_values"], ids, batch.get("attention_mask"))
 
+    def token_logprobs(self, pixel_values: torch.Tensor, ids: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log-probabilities of the caption tokens, differentiable (no ``no_grad``).
+
+        Args:
+            pixel_values: (b, 3, H, W). ids: (b, T) ``[start, tok_1, ..., tok_{T-1}]``, right-padded.
+            mask: (b, T) 1 for real tokens (None: all real).
+
+        Returns:
+            (b, T - 1), float32 (float64 for float64 models): entry ``k`` is ``log p(ids[:, k + 1] | image, ids[:, :k + 1])``, the
+            log-probability of the token produced at generation step ``k``; 0 where ``ids[:, k + 1]``
+            is padding. Computed from raw logits (never from post-processed generation scores).
+        """
+        logits = self._logits(pixel_values, ids, mask)
+        logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        target = ids[:, 1:].to(logits.device)
+        out = logp.gather(-1, target[..., None])[..., 0]
+        if mask is not None:
+            out = out * mask[:, 1:].to(out.device, out.dtype)
+        return out
+
+    def teacher_ids(self, new: torch.Tensor, tokens: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """From `caption`'s output: ids (b, T) ``[start] + generated tokens`` up to and including the
+        end token, right-padded, and their mask (b, T); ``T = 1 + longest caption``. Step ``k`` of
+        the caption is position ``k + 1`` here (`token_logprobs` column ``k``)."""
+        lengths = [max(1, len(t)) for t in tokens]
+        t = 1 + max(lengths)
+        ids = torch.full((len(lengths), t), self.specials.pad, dtype=torch.long)
+        mask = torch.zeros((len(lengths), t), dtype=torch.long)
+        ids[:, 0], mask[:, 0] = self.specials.start, 1
+        for i, n in enumerate(lengths):
+            ids[i, 1 : 1 + n] = new[i, :n].cpu()
+            mask[i, : 1 + n] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     @torch.no_grad()
     def caption(self, images: Sequence[Image.Image], max_new_tokens: int | None = None, num_beams: int = 1,
                 **generate_kwargs: Any) -> dict[str, Any]:

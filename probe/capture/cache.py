@@ -64,6 +64,12 @@ class ActivationCache:
             out = out * (done < lengths).to(out.dtype)
         return out
 
+    def detach_(self) -> None:
+        """Detach every stored tensor in place (what a gradient capture does on exit, so that no
+        autograd graph outlives its context)."""
+        for calls in self._data.values():
+            calls[:] = [t.detach() for t in calls]
+
     def __contains__(self, name: object) -> bool:
         return name in self._data
 

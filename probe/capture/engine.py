@@ -69,8 +69,18 @@ def capture(
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device | None = "cpu",
     cache: ActivationCache | None = None,
+    grad: bool = False,
 ) -> Iterator[ActivationCache]:
     """Record the hooks whose canonical names match `hooks` (globs) while the block runs.
+
+    With ``grad=True`` the captured tensors stay in the autograd graph: a pattern is the very
+    (batch, heads, q, k) float32 tensor the attention output is computed from (`sites.attend`:
+    modules with a fast kernel recompute their output from it; modules that compute attention
+    themselves hand over their own tensor), outputs and inputs are not detached. Backpropagate
+    inside the block, e.g. ``torch.autograd.grad(y, cache.calls(name))``; on exit every stored
+    tensor is detached, so no graph and no hook survives the context. `heads`, `rows`, `reduce`,
+    `dtype` and `device` must keep their defaults then (a selection would cut the graph), and the
+    forward must run with gradients enabled.
 
     Args:
         adapter: anything with ``model``, ``hook_specs()`` and ``module(path)``.
@@ -89,19 +99,36 @@ def capture(
     specs = select(adapter.hook_specs(), hooks)
     cache = cache if cache is not None else ActivationCache()
     cache.selection = {"heads": _jsonable(heads), "rows": _jsonable(rows), "reduce_heads": reduce}
+    if grad and (heads is not None or rows is not None or reduce is not None):
+        raise ValueError("capture(grad=True) keeps whole patterns in the autograd graph: drop heads=, rows= and "
+                         "reduce= (select from the captured tensors instead)")
 
     owner = threading.get_ident()
 
     def store(name: str, value: torch.Tensor) -> None:
-        if threading.get_ident() == owner:  # forwards of other threads are not ours to record
+        if threading.get_ident() != owner:  # forwards of other threads are not ours to record
+            return
+        if not grad:
             cache.add(name, value.detach().to(device=device, dtype=dtype))
+            return
+        if not torch.is_grad_enabled():
+            raise RuntimeError(f"capture(grad=True) of {name}: the forward runs without gradients (inside "
+                               "torch.no_grad() or inference_mode); run it with gradients enabled")
+        cache.add(name, value)
+
+    def on_grad(p: torch.Tensor, name: str) -> None:
+        store(name, p)
 
     handles: list[Any] = []
     try:
         for spec in specs:
             module = adapter.module(spec.module)
             cache.specs[spec.name] = spec
-            if spec.kind == "pattern":
+            if spec.kind == "pattern" and grad:
+                handles.append(sites.add_grad_listener(module, lambda p, name=spec.name: on_grad(p, name)))
+                if spec.output_index is not None:
+                    handles.append(sites.bridge_output_pattern(module, spec.output_index))
+            elif spec.kind == "pattern":
 
                 def on_pattern(src: PatternSource, name: str = spec.name) -> None:
                     try:
@@ -133,6 +160,8 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+        if grad:
+            cache.detach_()
 
 
 def _jsonable(idx: Index) -> Any:

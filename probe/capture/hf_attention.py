@@ -54,14 +54,19 @@ def capturing_attention(
     if alive is not None:
         # a query whose keys were all removed reads nothing (SDPA would spread it uniformly)
         out = out * alive.any(dim=1, keepdim=True).transpose(1, 2).to(out.dtype)
-    if sites.wants_pattern(module):
+    grad = sites.wants_grad(module)
+    if grad or sites.wants_pattern(module):
         mask = _additive(attention_mask, query.dtype)
         if mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
             mask = _causal(query.shape[2], key.shape[2], query.dtype, query.device)
         n_rep = query.shape[1] // key.shape[1]
         k = repeat_kv(key, n_rep) if n_rep > 1 else key
         scale = kwargs.get("scaling")
-        sites.emit_pattern(module, PatternSource(query, k, scale, mask, zero_dead_rows=alive is not None))
+        source = PatternSource(query, k, scale, mask, zero_dead_rows=alive is not None)
+        sites.emit_pattern(module, source)
+        if grad:  # recompute the output from the pattern so that gradients reach it (see sites.attend)
+            v = repeat_kv(value, n_rep) if n_rep > 1 else value
+            out = sites.attend(module, source, v, out.transpose(1, 2)).transpose(1, 2).contiguous()
     return out, None
 
 

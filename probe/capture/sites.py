@@ -32,7 +32,7 @@ class PatternSource:
     """Everything needed to compute a layer's attention pattern, lazily.
 
     The default computation is exact softmax attention, ``softmax(Q K^T * scale + mask)``,
-    softmax in float32 as transformers' eager attention does. Approximate attention kinds pass
+    softmax in float32 as transformers' eager attention does (float64 inputs stay float64). Approximate attention kinds pass
     their own `compute` for the effective token-by-token matrix.
 
     Args:
@@ -75,11 +75,17 @@ class PatternSource:
         q = select_rows(select_heads(self.query, heads), rows)
         k = select_heads(self.key, heads)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # at least float32; float64 stays
         if self.mask is None:
-            return torch.softmax(scores, dim=-1, dtype=torch.float32)
+            return torch.softmax(scores, dim=-1, dtype=dtype)
         mask = select_mask(self.mask, heads, rows)
-        p = torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
+        p = torch.softmax(scores + mask, dim=-1, dtype=dtype)
         return p * alive_rows(mask).to(p.dtype) if self.zero_dead_rows else p
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, or float64 when it is float64 (patterns are never stored below float32)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def as_index(idx: Index) -> slice | torch.Tensor | list[int]:
@@ -127,6 +133,9 @@ class AttentionSite(nn.Module):
 
 
 PatternListener = Callable[[PatternSource], None]
+#: ``fn(pattern) -> None | replacement``: receives the (batch, heads, q, k) pattern *in the autograd
+#: graph*, the tensor the attention output is computed from
+GradListener = Callable[[torch.Tensor], torch.Tensor | None]
 KeyMaskFn = Callable[[int, int, torch.device], torch.Tensor]
 
 # module -> {handle id: (owning thread, function)}
@@ -134,6 +143,9 @@ _pattern_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, Pa
     weakref.WeakKeyDictionary()
 )
 _key_masks: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, KeyMaskFn]]] = weakref.WeakKeyDictionary()
+_grad_listeners: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[int, GradListener]]] = (
+    weakref.WeakKeyDictionary()
+)
 #: guards every table here: threads attach and remove concurrently
 LOCK = threading.RLock()
 _ids = itertools.count(1)
@@ -180,6 +192,55 @@ def add_key_mask(module: nn.Module, fn: KeyMaskFn) -> SiteHandle:
     return _add(_key_masks, module, fn)
 
 
+def add_grad_listener(module: nn.Module, fn: GradListener) -> SiteHandle:
+    """Call `fn(pattern)` with `module`'s pattern kept in the autograd graph whenever it computes
+    attention (see `attend`); `fn` may return a replacement (same shape) that the output is then
+    computed from. Returns a handle to remove it."""
+    return _add(_grad_listeners, module, fn)
+
+
+def wants_grad(module: nn.Module) -> bool:
+    """Whether a gradient listener of the calling thread is attached to `module`."""
+    return module in _grad_listeners and bool(_mine(_grad_listeners, module))
+
+
+def attend(module: nn.Module, source: PatternSource, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The per-head attention output a module should use: `out` (batch, heads, q, head_dim) from its
+    own kernel, or, when a gradient listener is attached, ``P @ value`` recomputed from the full
+    pattern ``P = source.compute()`` (at least float32, in the autograd graph) after the listeners saw it.
+
+    Every kind's output is its (effective) matrix times the per-head values (batch, heads, k,
+    head_dim): softmax attention, Linformer's ``(P F) V``, Performer's ``D^-1 phi(Q) phi(K)^T V``,
+    Nystromformer's ``F A^+ B V``. So the recomputed output equals the kernel's up to rounding, and
+    ``d y / d P`` is the gradient with respect to the matrix the model actually applied.
+    """
+    fns = _mine(_grad_listeners, module) if module in _grad_listeners else []
+    if not fns:
+        return out
+    p = source.compute(None, None)
+    if torch.is_grad_enabled() and not p.requires_grad:
+        # nothing upstream needs gradients (a frozen tower fed plain pixels): make the pattern
+        # itself a leaf, so d y / d P still exists
+        p = p.detach().requires_grad_()
+    for fn in fns:
+        new = fn(p)
+        if new is not None:
+            if new.shape != p.shape:
+                raise ValueError(f"a gradient listener replaced a {tuple(p.shape)} pattern with {tuple(new.shape)}")
+            p = new
+    return (p.to(value.dtype) @ value).to(out.dtype)
+
+
+def emit_grad(module: nn.Module, pattern: torch.Tensor) -> None:
+    """Hand gradient listeners a pattern that already *is* the tensor a module's output is computed
+    from (modules that compute attention themselves: MMCA, the conditioning block, BLIP, GIT's
+    text stack). Replacements are not possible there and are refused."""
+    for fn in _mine(_grad_listeners, module) if module in _grad_listeners else []:
+        if fn(pattern) is not None:
+            raise ValueError(f"{type(module).__name__} computes its attention itself: its pattern cannot be "
+                             "replaced by a gradient listener")
+
+
 def wants_pattern(module: nn.Module) -> bool:
     """Whether anything of the calling thread listens for `module`'s pattern."""
     return module in _pattern_listeners and bool(_mine(_pattern_listeners, module))
@@ -217,7 +278,7 @@ def keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def active_site_count() -> int:
     """Number of modules with anything attached (0 outside every capture/intervene context)."""
-    return len(_pattern_listeners) + len(_key_masks) + len(_bridges)
+    return len(_pattern_listeners) + len(_key_masks) + len(_bridges) + len(_grad_listeners)
 
 
 # ------------------------------------------------------- modules that compute attention themselves
@@ -269,9 +330,10 @@ def bridge_output_pattern(module: nn.Module, output_index: int) -> _BridgeHandle
 
     def install() -> list:
         def hook(m: nn.Module, _args: tuple, out: tuple) -> None:
+            probs = out[output_index]
+            emit_grad(m, probs)
             if not wants_pattern(m):
                 return
-            probs = out[output_index]
 
             def compute(heads: Index, rows: Index) -> torch.Tensor:
                 return select_rows(select_heads(probs, heads), rows).float()

@@ -36,7 +36,16 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from probe.adapter import Captioner
+from probe.adapter import Captioner, Classifier
+from probe.analyses.explain import (
+    Method,
+    Target,
+    check_target,
+    flow_layers,
+    patch_span,
+    register_method,
+    text_rows,
+)
 from probe.analysis import Analysis, ParamError, param
 from probe.capture import capture
 from probe.data import ImageSet, images_to_uint8
@@ -528,3 +537,31 @@ def render_token_maps(result: RolloutResult) -> Figure:
                       result.token_maps, lambda r, s: float(result.arrays["rollout"][r, s].sum()),
                       f"{result.model}: each generated token's text->image attention (mean over text layers) "
                       f"through the {_what(result)}", MAX_IMAGES, MAX_TOKENS)
+
+
+# ------------------------------------------------------------------------------ as an attribution method
+def rollout_maps(adapter: Any, target: Target) -> torch.Tensor:
+    """Rollout maps (b, S, patches) for a teacher-forced `Target` (see `probe.analyses.explain`):
+    classifiers the CLS row of the vision rollout, captioners each step's text->image row (head
+    mean, mean over text layers) composed with it, as `Rollout` does during generation. Defaults:
+    mean fusion, no discard, all layers, signed rows by their positive part."""
+    check_target(adapter, target)
+    names = [s.name for s in _vision_specs(adapter)]
+    lo, hi = patch_span(adapter)
+    flows = [] if isinstance(adapter, Classifier) else flow_layers(adapter)
+    batch: dict[str, Any] = {"pixel_values": target.pixel_values}
+    if target.ids is not None:
+        batch.update(input_ids=target.ids, attention_mask=target.mask)
+    with torch.no_grad(), capture(adapter, names + flows) as cache:
+        adapter.forward(batch)
+    vision = rollout([cache[n] for n in names], keep=[0])
+    if isinstance(adapter, Classifier):
+        return vision[:, 0, lo:hi][:, None]
+    n_img = vision.shape[-1]
+    rows = torch.stack([fuse_heads(text_rows(adapter, cache[n], target.n_steps)[..., :n_img]) for n in flows]).mean(0)
+    out = compose_text_rows(rows, vision)[..., lo:hi]
+    return out * target.step_mask()[..., None]
+
+
+register_method(Method("rollout", rollout_maps, "Abnar & Zuidema 2020 rollout; captioners: text->image row "
+                       "composed with the vision rollout"))

@@ -221,3 +221,24 @@ def test_cli_end_to_end_and_one_line_errors(store_root, capsys):
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert len(store.list()) == 2, "refused runs save nothing"
+
+
+@pytest.mark.parametrize("name", ["blip", "git", "vit-standard"])
+def test_teacher_forced_method_equals_the_generation_time_rollout(name, shapes2):
+    from probe.analyses.explain import METHODS, Target
+
+    adapter = load_model(name)
+    analysis = ro.Rollout()
+    result = analysis.run(adapter, shapes2, analysis.Params())
+    px = adapter.preprocess(shapes2.images)["pixel_values"]
+    if result.captioner:
+        with torch.no_grad():
+            cap = adapter.caption_pixels(px)
+        ids, mask = adapter.teacher_ids(cap["ids"], cap["tokens"])
+        maps = METHODS["rollout"].fn(adapter, Target(px, ids, mask))
+        lo, hi = result.meta["spans"]["image"]
+        want = result.arrays["rollout"][..., lo:hi]
+        assert torch.allclose(maps[:, : want.shape[1]], want, atol=1e-5)
+    else:
+        maps = METHODS["rollout"].fn(adapter, Target(px, labels=torch.zeros(2, dtype=torch.long)))
+        assert torch.allclose(maps[:, 0], result.arrays["rollout.cls_map"].flatten(1), atol=1e-6)

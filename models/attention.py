@@ -254,7 +254,8 @@ class NystromAttention(_Attention):
 
     ``F = softmax(Q K~^T/sqrt d)``, ``A = softmax(Q~ K~^T/sqrt d)``, ``B = softmax(Q~ K^T/sqrt d)``;
     output ``F A^+ (B V)``. Effective matrix ``F A^+ B``. Segments are as equal as the sequence
-    allows (no padding). A masked key is removed from B's softmax: zero effective weight, no value.
+    allows (no padding). A masked key is removed from B's softmax (zero effective weight, no value)
+    and from the landmark means, so nothing of it reaches the output.
     """
 
     approximate = True
@@ -264,19 +265,26 @@ class NystromAttention(_Attention):
         self.m = min(cfg.nystrom_landmarks, cfg.seq_len)
         self.iters = cfg.nystrom_iters
 
-    def landmarks(self, t: torch.Tensor) -> torch.Tensor:
-        """(b, h, n, d) -> (b, h, m, d) segment means."""
-        return torch.stack([s.mean(dim=2) for s in torch.tensor_split(t, self.m, dim=2)], dim=2)
+    def landmarks(self, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, h, n, d) -> (b, h, m, d) segment means; with a bool keep (b, n), means over the kept
+        tokens of each segment only (a segment with none kept is 0), so a removed token's content
+        reaches no landmark."""
+        if keep is None:
+            return torch.stack([s.mean(dim=2) for s in torch.tensor_split(t, self.m, dim=2)], dim=2)
+        w = keep[:, None, :, None].to(t.dtype)
+        sums = [s.sum(dim=2) for s in torch.tensor_split(t * w, self.m, dim=2)]
+        counts = [c.sum(dim=2).clamp_min(1) for c in torch.tensor_split(w, self.m, dim=2)]
+        return torch.stack([a / c for a, c in zip(sums, counts, strict=True)], dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv_heads(x)
-        qt, kt = self.landmarks(q), self.landmarks(k)
+        keep = sites.key_keep(self, b, n, x.device)
+        qt, kt = self.landmarks(q, keep), self.landmarks(k, keep)
         s = self.scale
         Fm = torch.softmax(q @ kt.transpose(-1, -2) * s, dim=-1)
         A = torch.softmax(qt @ kt.transpose(-1, -2) * s, dim=-1)
         scores_b = qt @ k.transpose(-1, -2) * s
-        keep = sites.key_keep(self, b, n, x.device)
         if keep is not None:
             scores_b = scores_b + keep_to_additive(keep, scores_b.dtype)
         B = torch.softmax(scores_b, dim=-1)

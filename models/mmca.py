@@ -68,10 +68,16 @@ class MMCAAttention(nn.Module):
         causal_add = torch.zeros(nt, nt, dtype=qt.dtype, device=txt.device).masked_fill_(
             ~causal, torch.finfo(qt.dtype).min
         )
-        p_vv = self._softmax(qv @ kv.transpose(-1, -2) * self.scale, sites.key_keep(self.vision_site, b, nv, vis.device))
+        # an image token removed from what the text reads is removed as a key of the visual stream
+        # too: otherwise kept image tokens would relay its content to the text in later layers
+        keep_ti = sites.key_keep(self.cross_site, b, nv, vis.device)
+        keep_vv = sites.key_keep(self.vision_site, b, nv, vis.device)
+        if keep_ti is not None:
+            keep_vv = keep_ti if keep_vv is None else keep_vv & keep_ti
+        p_vv = self._softmax(qv @ kv.transpose(-1, -2) * self.scale, keep_vv)
         p_tt = self._softmax(qt @ kt.transpose(-1, -2) * self.scale + causal_add,
                              sites.key_keep(self.text_site, b, nt, txt.device))
-        p_ti = self._softmax(qt @ kv.transpose(-1, -2) * self.scale, sites.key_keep(self.cross_site, b, nv, vis.device))
+        p_ti = self._softmax(qt @ kv.transpose(-1, -2) * self.scale, keep_ti)
         for site, p in ((self.vision_site, p_vv), (self.text_site, p_tt), (self.cross_site, p_ti)):
             sites.emit_grad(site, p)
             if sites.wants_pattern(site):

@@ -137,6 +137,10 @@ class Analysis(abc.ABC):
     task: ClassVar[str | None] = None
     requires: ClassVar[tuple[str, ...]] = ()
     reads_images: ClassVar[bool] = True
+    #: True when `run` scores against probe-shapes object masks (user images are refused)
+    needs_masks: ClassVar[bool] = False
+    #: True when `check_architecture` needs the meta-built model even without `requires`
+    checks_architecture: ClassVar[bool] = False
     many_models: ClassVar[bool] = False
     default_images: ClassVar[str] = "bundled"
     default_task: ClassVar[str] = "classify"
@@ -147,6 +151,11 @@ class Analysis(abc.ABC):
             return (f"{self.name} needs a model that can {self.task}; {model} ({capabilities.family}) "
                     f"does: {', '.join(capabilities.tasks) or 'nothing'}")
         return None
+
+    def check_architecture(self, adapter: Any, params: Any) -> str | None:
+        """Why this analysis with `params` cannot run on `adapter`'s architecture, or None. The
+        pipeline calls it on the model built on the meta device, before any weights load."""
+        return self.check_hooks(adapter.name, adapter.hook_specs())
 
     def check_hooks(self, model: str, specs: Sequence[HookSpec]) -> str | None:
         """Why the loaded model's hooks do not serve this analysis, or None."""

@@ -131,12 +131,15 @@ def plan(spec: RunSpec) -> Plan:
             raise ProbeError(f"--model {spec.model!r} names no model; give all or a comma-separated list")
     else:
         names = [spec.model or registry.default_model(analysis.task or analysis.default_task)]
+    if analysis.needs_masks and spec.images:
+        raise ProbeError(f"{analysis.name} scores maps against exact object masks, which only probe-shapes images "
+                         "carry: drop --images and give --shapes N")
     for name in names:
         why = analysis.check(name, registry.model_entry(name).capabilities)
         if why:
             raise ProbeError(why)
-        if analysis.requires:  # on the architecture alone: no weights are read for this
-            why = analysis.check_hooks(name, registry.load_model(name, weights="meta").hook_specs())
+        if analysis.requires or analysis.checks_architecture:  # on the architecture alone: no weights are read
+            why = analysis.check_architecture(registry.load_model(name, weights="meta"), params)
             if why:
                 raise ProbeError(why)
     return Plan(analysis, params, names)

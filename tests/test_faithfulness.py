@@ -1,0 +1,69 @@
+"""The faithfulness analysis: words matched to their objects, score rows against the random
+baselines, and one-line refusals before any model loads."""
+
+from __future__ import annotations
+
+import torch
+
+from probe.analyses import faithfulness as fa
+from probe.cli import main
+from probe.data import ImageSet
+from probe.registry import load_model
+from probe.runs.store import RunStore
+
+
+def test_object_words_follow_the_caption_order():
+    adapter = load_model("mmca")
+    caption = "a small blue triangle left of a large red circle and a large yellow square"
+    ids = adapter.encode_captions([caption])["input_ids"][0, 1:].tolist()  # the generated tokens + end
+    words = fa.object_words(adapter, ids, 3)
+    assert [(w, k, o) for w, k, o, _ in words] == [
+        ("blue", "colour", 0), ("triangle", "shape", 0), ("red", "colour", 1), ("circle", "shape", 1),
+        ("yellow", "colour", 2), ("square", "shape", 2)]
+    text = adapter._text(ids)
+    for w, _, _, step in words:  # the step is the word's first letter (character captioner)
+        assert text[step] == w[0] and text[step:].startswith(w)
+
+
+def test_end_to_end_scores_and_baselines(store_root, capsys):
+    argv = ["run", "faithfulness", "--model", "mmca", "--shapes", "4", "--methods", "attention,rollout",
+            "--curve-points", "3", "--random-orders", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| attention |" in out and "*random*" in out
+    (info,) = RunStore(store_root).list()
+    res = RunStore(store_root).load(info.id).result
+    assert res.methods == ["attention", "rollout"] and res.words
+    metrics = {r["metric"] for r in res.scores}
+    assert {"pointing/shape", "energy/colour", "deletion_auc", "insertion_auc"} <= metrics
+    for r in res.scores:
+        assert set(r) == {"method", "metric", "value", "n", "baseline"}
+        if r["metric"].startswith(("pointing", "energy")):
+            assert 0 <= r["value"] <= 1 and 0 < r["baseline"] < 1
+    # each scored map is the method's map at the word's step, on its image
+    from probe.analyses.explain import METHODS, Target
+
+    adapter = load_model("mmca")
+    shapes = ImageSet.shapes(4)
+    px = adapter.preprocess(shapes.images)["pixel_values"]
+    cap = adapter.caption_pixels(px)
+    ids, mask = adapter.teacher_ids(cap["ids"], cap["tokens"])
+    maps = METHODS["attention"].fn(adapter, Target(px, ids, mask))
+    for j, w in enumerate(res.words):
+        assert torch.allclose(res.arrays["maps.attention"][j], maps[w["image"], w["step"]], atol=1e-6)
+
+
+def test_refusals_are_one_line_and_before_loading(store_root, capsys, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    for argv, needle in [
+        (["--model", "mmca", "--images", str(img)], "only probe-shapes images carry"),
+        (["--model", "mmca", "--methods", "attention,nope"], "known: attention"),
+        (["--model", "xattn-cond"], "faithfulness"),
+    ]:
+        assert main(["run", "faithfulness", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not RunStore(store_root).list()

@@ -1,6 +1,18 @@
 """Analyses. Importing this package registers each one (`probe.registry.register_analysis`) and
 each attribution method (`probe.analyses.explain.register_method`)."""
 
-from probe.analyses import ablation, attention, ca_params, explain, faithfulness, flow, relevancy, rollout
+from probe.analyses import (
+    ablation,
+    attention,
+    attention_flow,
+    attribution,
+    ca_params,
+    explain,
+    faithfulness,
+    flow,
+    relevancy,
+    rollout,
+)
 
-__all__ = ["ablation", "attention", "ca_params", "explain", "faithfulness", "flow", "relevancy", "rollout"]
+__all__ = ["ablation", "attention", "attention_flow", "attribution", "ca_params", "explain", "faithfulness", "flow",
+           "relevancy", "rollout"]

@@ -146,7 +146,8 @@ def add_residual(fused: torch.Tensor) -> torch.Tensor:
 
 
 def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_ratio: float = 0.0,
-            start_layer: int = 0, keep: Sequence[int] | None = None, signed: str = "positive") -> torch.Tensor:
+            start_layer: int = 0, keep: Sequence[int] | None = None, signed: str = "positive",
+            rows: Sequence[int] | None = None, exact: bool = False) -> torch.Tensor:
     """Attention rollout of Abnar & Zuidema (2020) over layers in order; returns (batch, n, n).
 
     Per layer ``l`` from `start_layer` on, with ``A_l^h`` the (batch, heads, n, n) pattern:
@@ -169,6 +170,13 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
     assumed about where it is). Layers before `start_layer` are skipped (identity), as in
     Chefer et al.'s fix for early-layer artifacts. The result's rows sum to 1 and its entries lie
     in [0, 1] (computed in float64, returned as float32).
+
+    `rows`: only these rows of ``J_L`` (e.g. ``[0]`` for CLS), (batch, len(rows), n), computed
+    from the top layer down as ``e_r^T Â_L ... Â_s`` (vector-matrix products instead of
+    matrix-matrix ones: O(L n^2) instead of O(L n^3)), in the patterns' dtype (at least float32).
+    With mean fusion and no discard the fused matrices are never formed: with
+    ``w = v / (rowsum(Ā) + 1)``, ``v Â = mean_h(w A^h) + w``, one pass over each pattern. `exact`:
+    the caller vouches that the patterns are softmax rows (distributions), so step 1 is skipped.
     """
     if not patterns:
         raise ValueError("rollout needs at least one layer's pattern")
@@ -179,7 +187,10 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < len(patterns):
         raise ValueError(f"start layer {start_layer!r}: use 0 to {len(patterns) - 1} ({len(patterns)} layers)")
     shape = patterns[0].shape
+    if rows is not None and fusion == "mean" and discard_ratio == 0:
+        return _rollout_rows(patterns, start_layer, rows, signed, exact)
     joint: torch.Tensor | None = None
+    mats: list[torch.Tensor] = []
     for layer in range(start_layer, len(patterns)):
         p = patterns[layer]
         if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != shape[-1]:
@@ -188,11 +199,59 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"layer {layer}'s attention holds NaN or inf (float16 overflows in some kinds: use "
                              "--dtype bfloat16 or float32)")
-        a = fuse_heads(stochastic_rows(p.double(), signed, layer=layer), fusion)
+        p = sites_dtype(p) if rows is not None else p.double()
+        a = fuse_heads(stochastic_rows(p, signed, layer=layer), fusion)
         a = add_residual(discard_smallest(a, discard_ratio, keep))
+        if rows is not None:
+            mats.append(a)
+            continue
         joint = a if joint is None else a @ joint
+    if rows is not None:
+        n = shape[-1]
+        for r in rows:
+            if not 0 <= r < n:
+                raise ValueError(f"row {r} outside the {n} tokens")
+        v = torch.zeros(shape[0], len(rows), n, dtype=mats[0].dtype, device=mats[0].device)
+        v[:, torch.arange(len(rows)), torch.as_tensor(list(rows))] = 1.0
+        for a in reversed(mats):
+            v = v @ a
+        return v.float()
     assert joint is not None
     return joint.float()
+
+
+def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequence[int], signed: str,
+                  exact: bool) -> torch.Tensor:
+    """Rows of the mean-fused, discard-free rollout, top layer down (see `rollout`)."""
+    shape = patterns[0].shape
+    n = shape[-1]
+    for r in rows:
+        if not 0 <= r < n:
+            raise ValueError(f"row {r} outside the {n} tokens")
+    p0 = sites_dtype(patterns[-1])
+    v = torch.zeros(shape[0], len(rows), n, dtype=p0.dtype, device=p0.device)
+    v[:, torch.arange(len(rows)), torch.as_tensor(list(rows))] = 1.0
+    for layer in reversed(range(start_layer, len(patterns))):
+        p = patterns[layer]
+        if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != n:
+            raise ValueError(f"layer {layer} pattern must be (batch={shape[0]}, heads, {n}, {n}); got {tuple(p.shape)}")
+        p = sites_dtype(p)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"layer {layer}'s attention holds NaN or inf (float16 overflows in some kinds: use "
+                             "--dtype bfloat16 or float32)")
+        if signed == "refuse" or not exact:
+            p = stochastic_rows(p, signed, layer=layer)
+            sums = torch.ones(shape[0], n, dtype=p.dtype, device=p.device)  # rows are distributions now
+        else:
+            sums = p.sum(-1).mean(1)
+        w = v / (sums[:, None, :] + 1)
+        v = torch.einsum("brn,bhnm->brm", w, p) / p.shape[1] + w
+    return v.float()
+
+
+def sites_dtype(p: torch.Tensor) -> torch.Tensor:
+    """`p` in float32, or float64 when it is float64."""
+    return p if p.dtype == torch.float64 else p.float()
 
 
 def compose_text_rows(rows: torch.Tensor, vision_rollout: torch.Tensor) -> torch.Tensor:

@@ -242,3 +242,16 @@ def test_teacher_forced_method_equals_the_generation_time_rollout(name, shapes2)
     else:
         maps = METHODS["rollout"].fn(adapter, Target(px, labels=torch.zeros(2, dtype=torch.long)))
         assert torch.allclose(maps[:, 0], result.arrays["rollout.cls_map"].flatten(1), atol=1e-6)
+
+
+def test_rows_only_equal_the_full_rollout():
+    gen = torch.Generator().manual_seed(3)
+    pats = [torch.softmax(torch.randn(2, 3, 7, 7, generator=gen), -1) for _ in range(4)]
+    full = ro.rollout(pats, discard_ratio=0.3, keep=[0], start_layer=1)
+    part = ro.rollout(pats, discard_ratio=0.3, keep=[0], start_layer=1, rows=[0, 4])
+    assert torch.allclose(part, full[:, [0, 4]], atol=1e-6)
+    full = ro.rollout(pats, start_layer=1)  # the fast path: mean fusion, no discard
+    for exact in (False, True):
+        assert torch.allclose(ro.rollout(pats, start_layer=1, rows=[0, 4], exact=exact), full[:, [0, 4]], atol=1e-6)
+    signed = [p - 0.05 for p in pats]  # rows neither positive nor summing to 1
+    assert torch.allclose(ro.rollout(signed, rows=[2]), ro.rollout(signed)[:, [2]], atol=1e-6)

@@ -45,7 +45,9 @@ from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
 from probe.analyses.explain import METHODS, Method, Target, check_target, patch_span, register_method
+from probe.analyses.grounding import remove_patches
 from probe.analysis import Analysis, ParamError, param
+from probe.capture import intervene
 from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import Result
@@ -459,6 +461,37 @@ def _label_mask(labels: Any, h: int, w: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ registration
+def token_ablation(adapter: Any, target: Target, *, perturbations_per_eval: int = 16) -> torch.Tensor:
+    """Patch-token ablation by captum's ``FeatureAblation``: the input is a (pairs, P) keep mask
+    of ones, each patch its own feature, baseline 0; the forward removes the patches whose keep is 0
+    through the family's real token removal (`probe.analyses.grounding.remove_patches`: the text of
+    a captioner reads nothing of them; a classifier's tokens never attend to them) and returns the
+    target. So a patch's value is ``f(all) - f(all but that patch)``: occlusion in token space,
+    with no out-of-distribution pixels. (b, S, patches)."""
+    _require_task(adapter, target)
+    rows = _rows(target)
+    px, extra, targets = _row_inputs(adapter, target, rows)
+    lo, hi = patch_span(adapter)
+    keep = torch.ones(len(rows), hi - lo, device=px.device)
+    score = _score_fn(adapter)
+    steps = torch.as_tensor(targets, device=px.device)
+
+    def forward(k: torch.Tensor, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
+        n = k.shape[0]
+        idx = torch.arange(n, device=k.device) % len(rows)
+        with intervene(adapter, remove_patches(adapter, (k < 0.5).cpu())):
+            out = score(pixels, *args)
+        return out[torch.arange(n, device=out.device), steps[idx]]
+
+    with torch.no_grad():
+        attr = _captum().FeatureAblation(forward).attribute(
+            keep, baselines=0.0, additional_forward_args=(px, *(extra or ())),
+            perturbations_per_eval=perturbations_per_eval)
+    out = _empty(target, adapter)
+    out[rows[:, 0], rows[:, 1]] = attr.float().cpu()
+    return out
+
+
 def _ig_maps(adapter: Any, target: Target) -> torch.Tensor:
     return integrated_gradients(adapter, target).maps
 
@@ -470,6 +503,8 @@ register_method(Method(OCCLUSION, occlusion, "Zeiler & Fergus 2014 (occlusion, s
                        "one window per patch: f(x) - f(x with the patch at the normaliser's mean)"))
 register_method(Method(ABLATION, feature_ablation, "captum FeatureAblation with a patch feature mask: "
                        "f(x) - f(x with the patch at the normaliser's mean)"))
+register_method(Method("token-ablation", token_ablation, "captum FeatureAblation over patch tokens removed for "
+                       "real (mask_image_tokens): f(all) - f(all but the patch)"))
 register_method(Method(GRADIENT_SHAP, gradient_shap, "Lundberg & Lee 2017 (GradientSHAP), captum "
                        "LayerGradientShap at the patch embedding over black, white and mean-colour baselines",
                        gradients=True, applies=gradient_refusal))

@@ -12,7 +12,7 @@
 
 Rounds are interleaved; medians with min..max. Writes bench/results/attribution.json.
 
-    python bench/attribution.py [--rounds 5] [--threads 2] [--quick]
+    python bench/attribution.py [--rounds 5] [--relevancy-rounds 1] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=4)
+    ap.add_argument("--relevancy-rounds", type=int, default=1, help="rounds of the BLIP relevancy (minutes each)")
     ap.add_argument("--quick", action="store_true", help="one round, 4 tokens (a smoke test)")
     ap.add_argument("--memory-job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,7 +166,7 @@ def main() -> None:
     rounds, tokens = (1, 4) if args.quick else (args.rounds, args.tokens)
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
               "torch": torch.__version__, "rollout": bench_rollout(rounds),
-              "relevancy": bench_relevancy(max(1, rounds // 2 + 1), tokens, args.chunk), "memory": bench_memory()}
+              "relevancy": bench_relevancy(1 if args.quick else args.relevancy_rounds, tokens, args.chunk), "memory": bench_memory()}
     atomic_write_text(OUT, json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
 

@@ -245,3 +245,25 @@ def test_cli_classifier_end_to_end_and_unknown_methods(store_root, capsys):
     with pytest.raises(ParamError, match="no method given"):
         at.Attribution.Params(methods=" , ")
     assert len(RunStore(store_root).list()) == 1, "refused runs save nothing"
+
+
+def test_token_ablation_is_the_drop_when_one_patch_token_is_removed():
+    from probe.analyses import grounding
+    from probe.analyses.attribution import token_ablation
+    from probe.analyses.explain import Target
+    from probe.data import ImageSet
+    from probe.registry import load_model
+
+    adapter = load_model("mmca")
+    px = adapter.preprocess(ImageSet.shapes(1).images)["pixel_values"]
+    cap = adapter.caption_pixels(px, max_new_tokens=4)
+    ids, mask = adapter.teacher_ids(cap["ids"], cap["tokens"])
+    maps = token_ablation(adapter, Target(px, ids, mask, steps=[[2]]))
+    score = grounding.caption_removal_scorer(adapter, px, ids, mask, [(0, 2)])
+    removed = torch.zeros(1, 3, 64, dtype=torch.bool)
+    removed[0, 1, 5] = True
+    removed[0, 2, 40] = True
+    s = score(removed)[0]
+    assert float(maps[0, 2, 5]) == pytest.approx(float(s[0] - s[1]), abs=1e-5)
+    assert float(maps[0, 2, 40]) == pytest.approx(float(s[0] - s[2]), abs=1e-5)
+    assert float(maps[0, [0, 1, 3]].abs().sum()) == 0

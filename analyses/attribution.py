@@ -461,13 +461,12 @@ def _label_mask(labels: Any, h: int, w: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ registration
-def token_ablation(adapter: Any, target: Target, *, perturbations_per_eval: int = 16) -> torch.Tensor:
-    """Patch-token ablation by captum's ``FeatureAblation``: the input is a (pairs, P) keep mask
-    of ones, each patch its own feature, baseline 0; the forward removes the patches whose keep is 0
-    through the family's real token removal (`probe.analyses.grounding.remove_patches`: the text of
-    a captioner reads nothing of them; a classifier's tokens never attend to them) and returns the
-    target. So a patch's value is ``f(all) - f(all but that patch)``: occlusion in token space,
-    with no out-of-distribution pixels. (b, S, patches)."""
+def _token_game(adapter: Any, target: Target, attribute: Callable[[Callable], Any], **kwargs: Any) -> torch.Tensor:
+    """Run a captum perturbation class on the patch-token game: the input is a (pairs, P) keep mask
+    of ones, baseline 0, each patch its own feature; the forward removes the patches whose keep is
+    0 through the family's real token removal (`probe.analyses.grounding.remove_patches`: the text
+    of a captioner reads nothing of them; a classifier's tokens never attend to them) and returns
+    each pair's target. No pixel is changed, so nothing out of distribution enters the model."""
     _require_task(adapter, target)
     rows = _rows(target)
     px, extra, targets = _row_inputs(adapter, target, rows)
@@ -484,12 +483,31 @@ def token_ablation(adapter: Any, target: Target, *, perturbations_per_eval: int 
         return out[torch.arange(n, device=out.device), steps[idx]]
 
     with torch.no_grad():
-        attr = _captum().FeatureAblation(forward).attribute(
-            keep, baselines=0.0, additional_forward_args=(px, *(extra or ())),
-            perturbations_per_eval=perturbations_per_eval)
+        attr = attribute(forward).attribute(keep, baselines=0.0, additional_forward_args=(px, *(extra or ())),
+                                            **kwargs)
     out = _empty(target, adapter)
     out[rows[:, 0], rows[:, 1]] = attr.float().cpu()
     return out
+
+
+def token_ablation(adapter: Any, target: Target, *, perturbations_per_eval: int = 16) -> torch.Tensor:
+    """Patch-token ablation by captum's ``FeatureAblation`` on the token game (`_token_game`): a
+    patch's value is ``f(all) - f(all but that patch)``, occlusion in token space. (b, S, patches)."""
+    return _token_game(adapter, target, lambda f: _captum().FeatureAblation(f),
+                       perturbations_per_eval=perturbations_per_eval)
+
+
+def token_shapley(adapter: Any, target: Target, *, n_samples: int = 8, perturbations_per_eval: int = 32,
+                  seed: int = 0) -> torch.Tensor:
+    """Shapley values of the patch tokens (Shapley 1953; permutation sampling of Castro et al. 2009)
+    by captum's ``ShapleyValueSampling`` on the token game (`_token_game`): each patch's mean
+    marginal contribution over `n_samples` random orders of adding patches to an empty image. Unlike
+    single-patch ablation, patches that are redundant with each other (the pieces of one object)
+    share the credit instead of each getting almost none; the values sum to ``f(all) - f(none)``.
+    (b, S, patches)."""
+    with _seeded(seed, target.pixel_values.device):
+        return _token_game(adapter, target, lambda f: _captum().ShapleyValueSampling(f), n_samples=n_samples,
+                           perturbations_per_eval=perturbations_per_eval)
 
 
 def _ig_maps(adapter: Any, target: Target) -> torch.Tensor:
@@ -505,6 +523,8 @@ register_method(Method(ABLATION, feature_ablation, "captum FeatureAblation with 
                        "f(x) - f(x with the patch at the normaliser's mean)"))
 register_method(Method("token-ablation", token_ablation, "captum FeatureAblation over patch tokens removed for "
                        "real (mask_image_tokens): f(all) - f(all but the patch)"))
+register_method(Method("token-shapley", token_shapley, "Shapley values of the patch tokens (removed for real), "
+                       "captum ShapleyValueSampling (Castro et al. 2009 permutation sampling)"))
 register_method(Method(GRADIENT_SHAP, gradient_shap, "Lundberg & Lee 2017 (GradientSHAP), captum "
                        "LayerGradientShap at the patch embedding over black, white and mean-colour baselines",
                        gradients=True, applies=gradient_refusal))

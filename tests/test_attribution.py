@@ -267,3 +267,20 @@ def test_token_ablation_is_the_drop_when_one_patch_token_is_removed():
     assert float(maps[0, 2, 5]) == pytest.approx(float(s[0] - s[1]), abs=1e-5)
     assert float(maps[0, 2, 40]) == pytest.approx(float(s[0] - s[2]), abs=1e-5)
     assert float(maps[0, [0, 1, 3]].abs().sum()) == 0
+
+
+def test_token_shapley_values_sum_to_all_minus_none():
+    from probe.analyses import grounding
+    from probe.analyses.attribution import token_shapley
+
+    adapter = load_model("mmca")
+    px = adapter.preprocess(ImageSet.shapes(1).images)["pixel_values"]
+    cap = adapter.caption_pixels(px, max_new_tokens=3)
+    ids, mask = adapter.teacher_ids(cap["ids"], cap["tokens"])
+    maps = token_shapley(adapter, Target(px, ids, mask, steps=[[1]]), n_samples=2)
+    score = grounding.caption_removal_scorer(adapter, px, ids, mask, [(0, 1)])
+    removed = torch.zeros(1, 2, 64, dtype=torch.bool)
+    removed[0, 1] = True
+    s = score(removed)[0]
+    assert float(maps[0, 1].sum()) == pytest.approx(float(s[0] - s[1]), abs=1e-4)  # efficiency, per permutation
+    assert torch.equal(maps, token_shapley(adapter, Target(px, ids, mask, steps=[[1]]), n_samples=2))  # seeded

@@ -3,6 +3,7 @@ baselines, and one-line refusals before any model loads."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from probe.analyses import faithfulness as fa
@@ -67,3 +68,38 @@ def test_refusals_are_one_line_and_before_loading(store_root, capsys, tmp_path):
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not RunStore(store_root).list()
+
+
+def _table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "faithfulness_table.py"
+    spec = importlib.util.spec_from_file_location("faithfulness_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_faithfulness_table_is_generated_from_the_current_zoo():
+    """Stale when the README block differs from bench/results/faithfulness.json, when a zoo checkpoint
+    changed since that file was written, or when the scoring code no longer gives its numbers."""
+    import json
+
+    from probe.pipeline import RunSpec, execute
+
+    table = _table_module()
+    data = json.loads(table.OUT.read_text())
+    assert table.readme_block(table.README.read_text()) == table.render(data), \
+        "README faithfulness table is stale: python bench/faithfulness_table.py --readme-only"
+    assert data["models"]
+    for entry in data["models"]:
+        assert load_model(entry["model"], weights="demo").weights.sha256 == entry["sha256"], \
+            f"{entry['model']}'s zoo weights changed: rerun python bench/faithfulness_table.py --models {entry['model']}"
+    entry = next(e for e in data["models"] if e["model"] == "mmca")
+    out = execute(RunSpec(analysis="faithfulness", model="mmca", weights="demo", shapes=data["shapes"], save=False,
+                          params={"methods": "attention", "sanity": False}))
+    for row in out.result.scores:
+        if row["metric"].startswith(("pointing", "energy")):
+            (want,) = [r for r in entry["scores"] if r["method"] == "attention" and r["metric"] == row["metric"]]
+            assert row["value"] == pytest.approx(want["value"], abs=1e-6), row

@@ -174,8 +174,8 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
     `rows`: only these rows of ``J_L`` (e.g. ``[0]`` for CLS), (batch, len(rows), n), computed
     from the top layer down as ``e_r^T Â_L ... Â_s`` (vector-matrix products instead of
     matrix-matrix ones: O(L n^2) instead of O(L n^3)), in the patterns' dtype (at least float32).
-    With mean fusion and no discard the fused matrices are never formed: with
-    ``w = v / (rowsum(Ā) + 1)``, ``v Â = mean_h(w A^h) + w``, one pass over each pattern. `exact`:
+    With mean fusion and no discard the fused matrices are never formed: rows being distributions
+    (after step 1), ``v Â = mean_h((v / 2) A^h) + v / 2``, one pass over each pattern. `exact`:
     the caller vouches that the patterns are softmax rows (distributions), so step 1 is skipped.
     """
     if not patterns:
@@ -236,16 +236,18 @@ def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequ
         if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != n:
             raise ValueError(f"layer {layer} pattern must be (batch={shape[0]}, heads, {n}, {n}); got {tuple(p.shape)}")
         p = sites_dtype(p)
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"layer {layer}'s attention holds NaN or inf (float16 overflows in some kinds: use "
-                             "--dtype bfloat16 or float32)")
         if signed == "refuse" or not exact:
             p = stochastic_rows(p, signed, layer=layer)
-            sums = torch.ones(shape[0], n, dtype=p.dtype, device=p.device)  # rows are distributions now
-        else:
-            sums = p.sum(-1).mean(1)
-        w = v / (sums[:, None, :] + 1)
-        v = torch.einsum("brn,bhnm->brm", w, p) / p.shape[1] + w
+        # rows are distributions now (or vouched for): rowsum(Ā) = 1, so w = v / 2
+        w = v / 2
+        h = p.shape[1]
+        # one GEMV over all heads at once: (b, r, h*n) @ (b, h*n, m)
+        v = torch.bmm(w.repeat(1, 1, h), p.reshape(shape[0], h * n, n)) / h + w
+    # checked once at the end (a pass per layer would cost as much as the products): a NaN or inf
+    # that can reach the requested rows reaches them
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("the attention holds NaN or inf (float16 overflows in some kinds: use --dtype bfloat16 or "
+                         "float32)")
     return v.float()
 
 

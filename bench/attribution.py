@@ -7,12 +7,13 @@
    384 px) against one teacher-forced forward and backward of that caption (target: at most 3x).
 3. Peak resident memory added over the loaded model (each measurement in a fresh process) on a
    ViT-B/16-size classifier (``vit-standard``, 224 px, 12 classes, random weights): one forward
-   without gradients, relevancy, captum integrated gradients with ``internal_batch_size`` 4
-   (target: at most 2x one forward).
+   without gradients, one forward and backward, relevancy, captum integrated gradients with
+   ``internal_batch_size`` 1 and 4 (target: at most 2x one forward; we report both references,
+   since a method that backpropagates stores what a forward with gradients stores).
 
 Rounds are interleaved; medians with min..max. Writes bench/results/attribution.json.
 
-    python bench/attribution.py [--rounds 5] [--relevancy-rounds 1] [--threads 2] [--quick]
+    python bench/attribution.py [--rounds 5] [--relevancy-rounds 1] [--threads 2] [--parts rollout,memory] [--quick]
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def bench_relevancy(rounds: int, tokens: int, chunk: int) -> dict:
 
 MEMORY_JOBS = {
     "vit_forward": "vit.forward({'pixel_values': px})",
+    # the input's gradient only, as attribution methods take it (no parameter gradients)
+    "vit_forward_backward": "torch.autograd.grad(vit.forward({'pixel_values': px.requires_grad_()})[0, 0], px)",
+    "vit_integrated_gradients_ibs1": "integrated_gradients(vit, Target(px, labels=torch.tensor([0])), n_steps=32, "
+                                     "internal_batch_size=1)",
     "vit_relevancy": "rel.relevancy_maps(vit, Target(px, labels=torch.tensor([0])))",
     "vit_integrated_gradients_ibs4": "integrated_gradients(vit, Target(px, labels=torch.tensor([0])), n_steps=32, "
                                      "internal_batch_size=4)",
@@ -163,9 +168,12 @@ def bench_memory() -> dict:
             continue
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     fwd = out.get("vit_forward", {}).get("added_mib")
+    fb = out.get("vit_forward_backward", {}).get("added_mib")
     for v in out.values():
         if fwd and "added_mib" in v:
             v["added_over_forward"] = v["added_mib"] / fwd
+        if fb and "added_mib" in v:
+            v["added_over_forward_backward"] = v["added_mib"] / fb
     return out
 
 
@@ -177,6 +185,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4)
     ap.add_argument("--relevancy-rounds", type=int, default=1, help="rounds of the BLIP relevancy (minutes each)")
     ap.add_argument("--quick", action="store_true", help="one round, 4 tokens (a smoke test)")
+    ap.add_argument("--parts", default="rollout,relevancy,memory", help="which measurements to (re)run; the "
+                    "others keep their figures in the results file")
     ap.add_argument("--memory-job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,9 +194,16 @@ def main() -> None:
         memory_job(args.memory_job)
         return
     rounds, tokens = (1, 4) if args.quick else (args.rounds, args.tokens)
-    result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
-              "torch": torch.__version__, "rollout": bench_rollout(rounds),
-              "relevancy": bench_relevancy(1 if args.quick else args.relevancy_rounds, tokens, args.chunk), "memory": bench_memory()}
+    parts = args.parts.split(",")
+    result = json.loads(OUT.read_text()) if OUT.exists() and not args.quick else {}
+    result.update({"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
+                   "torch": torch.__version__})
+    if "rollout" in parts:
+        result["rollout"] = bench_rollout(rounds)
+    if "relevancy" in parts:
+        result["relevancy"] = bench_relevancy(1 if args.quick else args.relevancy_rounds, tokens, args.chunk)
+    if "memory" in parts:
+        result["memory"] = bench_memory()
     atomic_write_text(OUT, json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
 

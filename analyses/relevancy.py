@@ -55,6 +55,7 @@ from probe.types import TEXT_PATTERN, TEXT_XATTN_PATTERN, VISION_PATTERN, select
 from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
 METHODS = ("chefer", "grad-rollout")
+VISION_MODES = ("per-token", "shared")
 MAX_IMAGES = 8
 MAX_TOKENS = 12
 
@@ -135,38 +136,71 @@ def _pairs(target: Target) -> list[tuple[int, int]]:
     return [(int(i), int(k)) for i, k in m.nonzero().tolist()]
 
 
-def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk: int = 8,
+def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk: int = 8, *,
+                      shared: Sequence[str] = (),
                       ) -> Iterator[tuple[list[tuple[int, int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """Patterns and their gradients for every (image, step) pair of `target`, `chunk` pairs per
-    backward: yields (pairs, patterns, grads), each name -> (pairs, heads, q, k) float64 on CPU.
+    """Patterns and their gradients for every (image, step) pair of `target`: yields (pairs,
+    patterns, grads), each name -> (pairs, heads, q, k) float64 on CPU, `chunk` pairs at a time.
 
-    The batch rows of a chunk are copies of the pairs' images (and captions); the objective is the
-    sum of each row's own target, so the gradient of row n is the gradient of its target alone.
+    Captioners: one teacher-forced forward per image; the gradients of its targets come from one
+    vectorised backward per chunk (``torch.autograd.grad(..., is_grads_batched=True)`` over one-hot
+    cotangents), so the forward is never repeated. Hooks in `shared` get one gradient per image,
+    of the sum of its targets, repeated for each pair (one ordinary backward). Classifiers: the
+    rows of a replicated batch, one target each; the objective is the sum of the rows' targets, so
+    each row's gradient is its own target's.
     """
     check_target(adapter, target)
     pairs = _pairs(target)
+    if isinstance(adapter, Classifier):
+        yield from _class_gradients(adapter, target, hooks, pairs, chunk)
+        return
+    assert target.ids is not None
+    own = [n for n in hooks if n not in shared]
+    for i in sorted({i for i, _ in pairs}):
+        steps = [k for j, k in pairs if j == i]
+        px = target.pixel_values[i : i + 1].detach().clone().requires_grad_()
+        ids = target.ids[i : i + 1]
+        mask = None if target.mask is None else target.mask[i : i + 1]
+        with torch.enable_grad(), capture(adapter, hooks, grad=True) as cache:
+            logp = adapter.token_logprobs(px, ids, mask)[0]
+            tensors = {n: cache[n] for n in hooks}
+            common: dict[str, torch.Tensor] = {}
+            if shared:
+                got = torch.autograd.grad(logp[steps].sum(), [tensors[n] for n in shared], retain_graph=True,
+                                          allow_unused=True)
+                common = {n: _grad_or_zero(g, tensors[n]) for n, g in zip(shared, got, strict=True)}
+            for s0 in range(0, len(steps), chunk):
+                part = steps[s0 : s0 + chunk]
+                onehot = torch.zeros(len(part), logp.shape[0], dtype=logp.dtype, device=logp.device)
+                onehot[torch.arange(len(part)), torch.as_tensor(part)] = 1
+                got = torch.autograd.grad(logp, [tensors[n] for n in own], grad_outputs=onehot,
+                                          is_grads_batched=True, retain_graph=True, allow_unused=True) if own else ()
+                grads = {n: (torch.zeros((len(part), *tensors[n].shape[1:]), dtype=torch.float64) if g is None
+                             else g[:, 0].detach().double().cpu()) for n, g in zip(own, got, strict=True)}
+                grads.update({n: g.expand(len(part), *g.shape[1:]) for n, g in common.items()})
+                pats = {n: t.detach().double().cpu().expand(len(part), *t.shape[1:]) for n, t in tensors.items()}
+                yield [(i, k) for k in part], pats, grads
+
+
+def _grad_or_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(like.shape, dtype=torch.float64) if g is None else g.detach().double().cpu()
+
+
+def _class_gradients(adapter: Any, target: Target, hooks: Sequence[str], pairs: list[tuple[int, int]], chunk: int,
+                     ) -> Iterator[tuple[list[tuple[int, int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    assert target.labels is not None
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
         rows = torch.tensor([i for i, _ in part])
         px = target.pixel_values[rows.to(target.pixel_values.device)].detach().clone().requires_grad_()
         with torch.enable_grad(), capture(adapter, hooks, grad=True) as cache:
-            if isinstance(adapter, Classifier):
-                assert target.labels is not None
-                logits = adapter.forward({"pixel_values": px})
-                y = logits.gather(1, target.labels.to(logits.device)[rows, None]).sum()
-            else:
-                assert target.ids is not None
-                ids = target.ids[rows.to(target.ids.device)]
-                mask = None if target.mask is None else target.mask[rows.to(target.mask.device)]
-                logp = adapter.token_logprobs(px, ids, mask)
-                steps = torch.tensor([k for _, k in part], device=logp.device)
-                y = logp.gather(1, steps[:, None]).sum()
+            logits = adapter.forward({"pixel_values": px})
+            y = logits.gather(1, target.labels.to(logits.device)[rows, None]).sum()
             names = list(hooks)
             tensors = [cache[n] for n in names]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
         pats = {n: t.detach().double().cpu() for n, t in zip(names, tensors, strict=True)}
-        gs = {n: (torch.zeros_like(pats[n]) if g is None else g.detach().double().cpu())
-              for n, g in zip(names, grads, strict=True)}
+        gs = {n: _grad_or_zero(g, pats[n]) for n, g in zip(names, grads, strict=True)}
         yield part, pats, gs
 
 
@@ -176,12 +210,19 @@ def _fused(pats: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], names:
 
 
 def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chunk: int = 8,
-                   progress: bool = False) -> torch.Tensor:
+                   vision: str = "per-token", progress: bool = False) -> torch.Tensor:
     """Maps (b, S, patches) of `method` (``chefer`` or ``grad-rollout``) per `Target` step; see the
-    module docstring for the rules. Steps not asked for are 0."""
+    module docstring for the rules. Steps not asked for are 0.
+
+    `vision`: ``per-token`` (Chefer et al.: each target's own gradients everywhere) or ``shared``
+    (captioners: the vision tower's layers are weighted by the gradient of the sum of the image's
+    explained log-probabilities, one backward per image; the text layers keep each token's own).
+    Shared is the fast approximation: the per-token backward then stops at the text stack."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
-    vision = _names(adapter, VISION_PATTERN)
+    if vision not in VISION_MODES:
+        raise ValueError(f"vision {vision!r}: use one of {', '.join(VISION_MODES)}")
+    vision_names = _names(adapter, VISION_PATTERN)
     lo, hi = patch_span(adapter)
     n_img = int(adapter.n_image_tokens)
     out = torch.zeros(target.batch, target.n_steps, hi - lo, dtype=torch.float64)
@@ -191,12 +232,18 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
     else:
         text_self = _names(adapter, TEXT_PATTERN)
         cross = [] if adapter.capabilities.joint_attention else _names(adapter, TEXT_XATTN_PATTERN)
-    hooks = vision + text_self + cross
-    chunks = pattern_gradients(adapter, target, hooks, chunk)
+    hooks = vision_names + text_self + cross
+    shared = vision if vision == "shared" and not isinstance(adapter, Classifier) else None
+    chunks = pattern_gradients(adapter, target, hooks, chunk, shared=vision_names if shared else ())
     total = int(target.step_mask().sum())
     for part, pats, grads in tqdm(chunks, total=-(-total // chunk), desc=f"{method} {adapter.name}",
                                   disable=not progress):
-        fv = _fused(pats, grads, vision)
+        if shared:  # one vision gradient per image: fuse and compose it once, not once per pair
+            fv = [f.expand(len(part), *f.shape[1:]) for f in _fused({n: pats[n][:1] for n in vision_names},
+                                                                     {n: grads[n][:1] for n in vision_names},
+                                                                     vision_names)]
+        else:
+            fv = _fused(pats, grads, vision_names)
         idx_i = torch.tensor([i for i, _ in part])
         idx_k = torch.tensor([k for _, k in part])
         ar = torch.arange(len(part))
@@ -206,12 +253,12 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
             continue
         t0 = adapter.text_offset()
         if method == "grad-rollout":
-            v = grad_rollout(fv)
+            v = grad_rollout([f[:1] for f in fv]).expand(len(part), -1, -1) if shared else grad_rollout(fv)
             flow = text_self if adapter.capabilities.joint_attention else cross
             rows = torch.stack([f[ar, t0 + idx_k, :n_img] for f in _fused(pats, grads, flow)]).mean(0)
             out[idx_i, idx_k] = (rows[:, None] @ v)[:, 0, lo:hi]
             continue
-        r_ii = encoder_relevancy(fv)
+        r_ii = encoder_relevancy([f[:1] for f in fv]).expand(len(part), -1, -1) if shared else encoder_relevancy(fv)
         if adapter.capabilities.joint_attention:
             r = joint_relevancy(_fused(pats, grads, text_self))
             row = r[ar, t0 + idx_k, :n_img]
@@ -281,7 +328,10 @@ class Relevancy(Analysis):
         method: str = param("chefer", "Chefer et al.'s relevancy rules, or gradient rollout", choices=METHODS)
         max_new_tokens: int | None = param(None, "caption tokens to generate, captioners only (default: the "
                                                  "model's)", min=1)
-        targets_per_backward: int = param(8, "targets explained by one backward (memory grows with it)", min=1)
+        targets_per_backward: int = param(8, "targets explained by one (vectorised) backward; memory grows with it",
+                                          min=1)
+        vision_relevancy: str = param("per-token", "vision layers weighted per token (Chefer et al.) or by the "
+                                                   "whole caption's gradient (shared: faster)", choices=VISION_MODES)
         batch_size: int = param(8, "images per caption batch", min=1)
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> RelevancyResult:
@@ -311,7 +361,7 @@ class Relevancy(Analysis):
                 targets.append(logits.gather(1, lab[:, None]).float().cpu())
                 labels += [adapter.labels[int(c)] for c in lab]
             maps.append(relevancy_maps(adapter, target, method=params.method, chunk=params.targets_per_backward,
-                                       progress=True))
+                                       vision=params.vision_relevancy, progress=True))
         assert meta is not None
         steps = max(m.shape[1] for m in maps)
         pad = [torch.nn.functional.pad(m, (0, 0, 0, steps - m.shape[1])) for m in maps]

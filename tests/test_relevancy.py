@@ -120,3 +120,34 @@ def test_cli_relevancy(store_root, capsys):
     assert main(["run", "relevancy", "--model", "vit-standard", "--shapes", "1", "--method", "nope"]) == 2
     err = capsys.readouterr().err
     assert "chefer" in err and "grad-rollout" in err
+
+
+@pytest.mark.parametrize("name", ["blip", "git"])
+def test_vectorised_per_target_gradients_equal_one_backward_per_target(name, shapes2):
+    adapter = load_model(name)
+    target = _target(adapter, shapes2.images)
+    hooks = rel._names(adapter, "vision.blocks.{i}.attn.pattern") + rel._names(adapter, "text.blocks.{i}.attn.pattern")
+    got = {}
+    for part, _, grads in rel.pattern_gradients(adapter, target, hooks, chunk=3):
+        for j, pair in enumerate(part):
+            got[pair] = {n: g[j] for n, g in grads.items()}
+    assert len(got) == int(target.step_mask().sum())
+    for i, k in [(0, 0), (1, 2), (0, 3)]:
+        px = target.pixel_values[i : i + 1].clone().requires_grad_()
+        with capture(adapter, hooks, grad=True) as cache:
+            y = adapter.token_logprobs(px, target.ids[i : i + 1], target.mask[i : i + 1])[0, k]
+            want = torch.autograd.grad(y, [cache[n] for n in hooks])
+        for n, w in zip(hooks, want, strict=True):
+            assert torch.allclose(got[(i, k)][n], w[0].double(), rtol=1e-4, atol=1e-10), (n, i, k)
+
+
+def test_shared_vision_equals_per_token_for_a_single_target(shapes2):
+    adapter = load_model("vit-gpt2")
+    t = _target(adapter, shapes2.images)
+    one = Target(t.pixel_values, t.ids, t.mask, steps=[[2], [1]])
+    for method in rel.METHODS:
+        a = rel.relevancy_maps(adapter, one, method=method, vision="per-token")
+        b = rel.relevancy_maps(adapter, one, method=method, vision="shared")
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+    many = rel.relevancy_maps(adapter, t, vision="shared")
+    assert many.shape == (2, t.n_steps, 64) and float(many.sum()) > 0

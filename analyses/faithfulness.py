@@ -97,7 +97,8 @@ class FaithfulnessResult(Result):
     over images), captions, fractions (of patches removed along the curves), scores (rows
     ``{method, metric, value, n, baseline}``).
     Arrays: ``maps.<method>`` (targets, patches) the scored map of each target;
-        ``coverage`` (targets, patches) its object's coverage; ``deletion.<method>``,
+        ``coverage`` (targets, patches) its object's coverage; ``masks`` (targets, H, W) bool the
+        object's exact mask (probe-shapes resolution); ``deletion.<method>``,
         ``insertion.<method>`` (targets, K) curves, ``deletion.random``/``insertion.random``;
         ``input.image`` (batch, H, W, 3) uint8.
     """
@@ -176,7 +177,9 @@ class Faithfulness(Analysis):
                              "matched to its object: use trained weights (demo) or more images (--shapes N)")
         coverage = np.stack([grounding.object_coverage(inputs.masks[w.image], grid_)[w.obj] for w in words])
         score_fn = self._scorer(adapter, px, target, words)
-        arrays: dict[str, torch.Tensor] = {"coverage": torch.as_tensor(coverage, dtype=torch.float32)}
+        arrays: dict[str, torch.Tensor] = {
+            "coverage": torch.as_tensor(coverage, dtype=torch.float32),
+            "masks": torch.as_tensor(np.stack([inputs.masks[w.image][w.obj] for w in words]))}
         rows: list[dict[str, Any]] = []
         gen_seed = params.random_seed
         per_method_maps: dict[str, np.ndarray] = {}
@@ -349,16 +352,20 @@ def render_word_maps(result: FaithfulnessResult) -> Figure:
     images = result.arrays["input.image"]
     for r, w in enumerate(words):
         img = images[w["image"]].numpy()
-        cov = result.arrays["coverage"][r].reshape(g).numpy()
         axes[r][0].imshow(img)
-        axes[r][0].contour(np.kron(cov > 0, np.ones((img.shape[0] // g[0], img.shape[1] // g[1]))),
-                           levels=[0.5], colors="white", linewidths=0.8)
         axes[r][0].set_title(f"{w['word']} ({w['kind']})", fontsize=6)
         for c, m in enumerate(result.methods, start=1):
             amap = result.arrays[f"maps.{m}"][r].clamp(min=0).reshape(g).numpy()
             overlay(axes[r][c], img, amap, vmin=0.0, vmax=float(amap.max()) or 1.0)
             if r == 0:
                 axes[r][c].set_title(m, fontsize=6)
+        if "masks" in result.arrays:  # the object's exact pixel mask, scaled onto the shown image
+            mask = result.arrays["masks"][r].numpy().astype(float)
+            height, width = img.shape[:2]
+            ys = (np.arange(mask.shape[0]) + 0.5) * height / mask.shape[0] - 0.5
+            xs = (np.arange(mask.shape[1]) + 0.5) * width / mask.shape[1] - 0.5
+            for ax in axes[r]:
+                ax.contour(xs, ys, mask, levels=[0.5], colors="cyan", linewidths=0.8)
     no_ticks(axes)
     fig.suptitle(f"{result.model}: each method's map at the word's step (object outlined)", fontsize=8)
     fig.tight_layout()

@@ -469,6 +469,8 @@ def _token_game(adapter: Any, target: Target, attribute: Callable[[Callable], An
     each pair's target. No pixel is changed, so nothing out of distribution enters the model."""
     _require_task(adapter, target)
     rows = _rows(target)
+    if not len(rows):
+        return _empty(target, adapter)
     px, extra, targets = _row_inputs(adapter, target, rows)
     lo, hi = patch_span(adapter)
     keep = torch.ones(len(rows), hi - lo, device=px.device)

@@ -20,7 +20,7 @@ import torch
 
 from probe.adapter import Captioner, Classifier
 from probe.capture import capture
-from probe.types import layer_of, select
+from probe.types import ProbeError, layer_of, select
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,38 @@ class Target:
         return out & real
 
 
+def check_head(adapter: Any) -> None:
+    """Refuse a classifier without a classification head (e.g. ``hf-vit`` loaded as a bare
+    ``ViTModel``): there is no class logit to explain."""
+    if isinstance(adapter, Classifier) and not adapter.labels:
+        raise ProbeError(f"{adapter.name} has no classification head (its forward returns features, no class "
+                         "logits): load a checkpoint with a head (e.g. a ViTForImageClassification folder)")
+
+
 def check_target(adapter: Any, target: Target) -> None:
-    """Refuse a target that does not fit the adapter's task."""
-    if isinstance(adapter, Captioner) and target.ids is None:
-        raise ValueError(f"{adapter.name} captions: the target needs caption ids (and their mask)")
-    if isinstance(adapter, Classifier) and target.labels is None:
-        raise ValueError(f"{adapter.name} classifies: the target needs class labels")
+    """Refuse a target that does not fit the adapter's task or whose shapes disagree."""
+    b = target.batch
+    if target.pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be (batch, 3, H, W); got {tuple(target.pixel_values.shape)}")
+    if isinstance(adapter, Captioner):
+        if target.ids is None:
+            raise ValueError(f"{adapter.name} captions: the target needs caption ids (and their mask)")
+        if target.ids.dim() != 2 or target.ids.shape[0] != b or target.ids.shape[1] < 2:
+            raise ValueError(f"ids must be (batch={b}, T >= 2) [start, tokens...]; got {tuple(target.ids.shape)}")
+        if target.mask is not None and target.mask.shape != target.ids.shape:
+            raise ValueError(f"mask {tuple(target.mask.shape)} must match ids {tuple(target.ids.shape)}")
+        if target.labels is not None:
+            raise ValueError(f"{adapter.name} captions: give caption ids, not class labels")
+    if isinstance(adapter, Classifier):
+        check_head(adapter)
+        if target.labels is None:
+            raise ValueError(f"{adapter.name} classifies: the target needs class labels")
+        n = len(adapter.labels)
+        lab = target.labels
+        if lab.dim() != 1 or len(lab) != b or lab.is_floating_point() or not bool(((lab >= 0) & (lab < n)).all()):
+            raise ValueError(f"labels {lab.tolist()}: give one class index per image (batch {b}), 0 to {n - 1}")
+    if target.steps is not None and len(target.steps) != b:
+        raise ValueError(f"steps: give one list of steps per image ({b}); got {len(target.steps)}")
 
 
 Explainer = Callable[[Any, Target], torch.Tensor]
@@ -85,7 +111,7 @@ class Method:
 
     Attributes:
         name: what ``--methods`` calls it. fn: the `Explainer`.
-        gradients: True when it backpropagates (refused on models loaded without gradients).
+        gradients: True when it backpropagates (the model must let gradients reach its input).
         applies: ``applies(adapter) -> None | reason`` (a one-line refusal, before any work).
         reference: the paper and equation it follows.
     """

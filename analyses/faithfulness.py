@@ -24,6 +24,7 @@ Stored ``result.json`` holds ``scores``: rows ``{method, metric, value, n, basel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
 from probe.analyses import grounding
-from probe.analyses.explain import METHODS, Target, patch_span
+from probe.analyses.explain import METHODS, Target, check_head, patch_span
 from probe.analysis import Analysis, ParamError, param
 from probe.data import ImageSet, images_to_uint8
 from probe.data.metrics import classify_classes, largest_object, normalise
@@ -80,6 +81,8 @@ def object_words(adapter: Captioner, ids: Sequence[int], objects: int) -> list[t
 
 def _method_names(spec: str) -> list[str]:
     names = list(METHODS) if spec.strip() in ("", "all") else [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise ParamError(f"--methods {spec!r} names no method; known: {', '.join(METHODS)} (or all)")
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ParamError(f"--methods {','.join(unknown)}: unknown; known: {', '.join(METHODS)} (or all)")
@@ -138,7 +141,8 @@ class Faithfulness(Analysis):
         methods: str = param("all", "comma-separated attribution methods (all: every one that applies)")
         curve_points: int = param(11, "points on the deletion and insertion curves (fractions 0..1)", min=2, max=101)
         random_orders: int = param(4, "random removal orders of the baseline curves", min=1)
-        sanity: bool = param(True, "cascading randomisation of decoder, then encoder layers")
+        sanity: bool = param(True, "the sanity check: cascading randomisation of decoder, then encoder layers "
+                                   "(--no-sanity skips it)")
         max_new_tokens: int | None = param(None, "caption tokens to generate, captioners only", min=1)
         batch_size: int = param(16, "images per caption batch", min=1)
         random_seed: int = param(0, "seed of the random orders and the randomised weights", min=0, max=2**31 - 1)
@@ -159,6 +163,14 @@ class Faithfulness(Analysis):
             return "; ".join(f"{m}: {w}" for m, w in refusals.items() if w) + " (drop it from --methods)"
         return None
 
+    def resolve(self, adapter: Any, params: Params) -> Params:
+        check_head(adapter)
+        if isinstance(adapter, Captioner):
+            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
+        if params.max_new_tokens is not None:
+            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
+        return params
+
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> FaithfulnessResult:
         """Returns a `FaithfulnessResult` (see the module docstring)."""
         if inputs.masks is None or inputs.samples is None:
@@ -172,9 +184,16 @@ class Faithfulness(Analysis):
         px = adapter.preprocess(inputs.images)["pixel_values"]
         grid_ = tuple(adapter.grid)
         words, target, captions, exact = self._targets(adapter, inputs, px, params)
+        if not words and isinstance(adapter, Classifier):
+            raise ParamError(f"none of the {len(inputs)} images has a unique largest object whose class "
+                             f"({', '.join(classify_classes()[:2])}, ...) is one of {adapter.name}'s labels: give more "
+                             "images (--shapes N) or a model trained on the probe-shapes classes (demo weights)")
         if not words:
+            short_caps = params.max_new_tokens is not None and params.max_new_tokens < adapter.max_new_tokens
             raise ParamError(f"{adapter.name} captioned none of the {len(inputs)} images exactly, so no word can be "
-                             "matched to its object: use trained weights (demo) or more images (--shapes N)")
+                             "matched to its object: "
+                             + (f"--max-new-tokens {params.max_new_tokens} cuts the captions short; drop it"
+                                if short_caps else "use trained weights (demo) or more images (--shapes N)"))
         coverage = np.stack([grounding.object_coverage(inputs.masks[w.image], grid_)[w.obj] for w in words])
         score_fn = self._scorer(adapter, px, target, words)
         arrays: dict[str, torch.Tensor] = {

@@ -262,9 +262,12 @@ def remove_patches(adapter: Any, removed: torch.Tensor) -> list[Intervention]:
     `MaskTokens` over every ``vision.blocks.*.attn.pattern``, so no token (CLS included) ever
     attends to a removed patch; the head reads CLS only, so the patch's own stream is dead.
 
-    Both are full removals for every family (tests/test_grounding.py replaces the removed patches'
-    content and checks nothing changes): Nystromformer's landmarks average kept tokens only, and
-    MMCA masks a removed token in its visual->visual attention too.
+    What "removed" means differs by family, as each family's real token removal does: a classifier's
+    removed patch token is never attended to by any layer, so its content reaches nothing
+    (Nystromformer's landmarks average kept tokens only). A captioner's text reads nothing of the
+    removed image tokens (and MMCA's visual stream does not relay them), but inside the vision
+    tower, before removal, every patch still mixes into the kept tokens: removal takes tokens away
+    from the text, not pixels away from the image. tests/test_grounding.py checks both.
     """
     lo, hi = patch_span(adapter)
     removed = torch.as_tensor(removed, dtype=torch.bool)

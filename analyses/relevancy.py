@@ -35,6 +35,7 @@ at the step (gradient-weighted, mean over text layers) is composed with it, as `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,14 +45,14 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
-from probe.analyses.explain import Method, Target, check_target, patch_span, register_method
+from probe.analyses.explain import Method, Target, check_head, check_target, patch_span, register_method
 from probe.analyses.rollout import add_residual
-from probe.analysis import Analysis, param
+from probe.analysis import Analysis, ParamError, param
 from probe.capture import capture
 from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import Result
-from probe.types import TEXT_PATTERN, TEXT_XATTN_PATTERN, VISION_PATTERN, select
+from probe.types import TEXT_PATTERN, TEXT_XATTN_PATTERN, VISION_PATTERN, ProbeError, select
 from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
 METHODS = ("chefer", "grad-rollout")
@@ -168,22 +169,26 @@ def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk:
             if shared:
                 got = torch.autograd.grad(logp[steps].sum(), [tensors[n] for n in shared], retain_graph=True,
                                           allow_unused=True)
-                common = {n: _grad_or_zero(g, tensors[n]) for n, g in zip(shared, got, strict=True)}
+                common = {n: _grad_or_zero(g, tensors[n], n) for n, g in zip(shared, got, strict=True)}
             for s0 in range(0, len(steps), chunk):
                 part = steps[s0 : s0 + chunk]
                 onehot = torch.zeros(len(part), logp.shape[0], dtype=logp.dtype, device=logp.device)
                 onehot[torch.arange(len(part)), torch.as_tensor(part)] = 1
                 got = torch.autograd.grad(logp, [tensors[n] for n in own], grad_outputs=onehot,
                                           is_grads_batched=True, retain_graph=True, allow_unused=True) if own else ()
-                grads = {n: (torch.zeros((len(part), *tensors[n].shape[1:]), dtype=torch.float64) if g is None
-                             else g[:, 0].detach().double().cpu()) for n, g in zip(own, got, strict=True)}
+                grads = {n: _grad_or_zero(g, tensors[n], n)[:, 0] for n, g in zip(own, got, strict=True)}
                 grads.update({n: g.expand(len(part), *g.shape[1:]) for n, g in common.items()})
                 pats = {n: t.detach().double().cpu().expand(len(part), *t.shape[1:]) for n, t in tensors.items()}
                 yield [(i, k) for k in part], pats, grads
 
 
-def _grad_or_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(like.shape, dtype=torch.float64) if g is None else g.detach().double().cpu()
+def _grad_or_zero(g: torch.Tensor | None, like: torch.Tensor, name: str = "a pattern") -> torch.Tensor:
+    """The gradient on CPU in float64; a pattern the target's gradient never reaches is an error
+    (it would silently give a zero map), not a zero."""
+    if g is None:
+        raise ProbeError(f"{name} is not on the path of the target's gradient (was it captured from a copy, e.g. "
+                         "under an intervention?): relevancy cannot weight it")
+    return g.detach().double().cpu()
 
 
 def _class_gradients(adapter: Any, target: Target, hooks: Sequence[str], pairs: list[tuple[int, int]], chunk: int,
@@ -200,7 +205,7 @@ def _class_gradients(adapter: Any, target: Target, hooks: Sequence[str], pairs: 
             tensors = [cache[n] for n in names]
             grads = torch.autograd.grad(y, tensors, allow_unused=True)
         pats = {n: t.detach().double().cpu() for n, t in zip(names, tensors, strict=True)}
-        gs = {n: _grad_or_zero(g, pats[n]) for n, g in zip(names, grads, strict=True)}
+        gs = {n: _grad_or_zero(g, pats[n], n) for n, g in zip(names, grads, strict=True)}
         yield part, pats, gs
 
 
@@ -333,6 +338,17 @@ class Relevancy(Analysis):
         vision_relevancy: str = param("per-token", "vision layers weighted per token (Chefer et al.) or by the "
                                                    "whole caption's gradient (shared: faster)", choices=VISION_MODES)
         batch_size: int = param(8, "images per caption batch", min=1)
+
+    def resolve(self, adapter: Any, params: Params) -> Params:
+        check_head(adapter)
+        if isinstance(adapter, Captioner):
+            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
+        if params.max_new_tokens is not None:
+            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
+        if params.vision_relevancy != "per-token":
+            raise ParamError(f"--vision-relevancy {params.vision_relevancy}: {adapter.name} has one target per image; "
+                             "drop the flag")
+        return params
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> RelevancyResult:
         """Returns a `RelevancyResult` (see its docstring for the arrays)."""

@@ -174,9 +174,10 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
     `rows`: only these rows of ``J_L`` (e.g. ``[0]`` for CLS), (batch, len(rows), n), computed
     from the top layer down as ``e_r^T Â_L ... Â_s`` (vector-matrix products instead of
     matrix-matrix ones: O(L n^2) instead of O(L n^3)), in the patterns' dtype (at least float32).
-    With mean fusion and no discard the fused matrices are never formed: rows being distributions
-    (after step 1), ``v Â = mean_h((v / 2) A^h) + v / 2``, one pass over each pattern. `exact`:
-    the caller vouches that the patterns are softmax rows (distributions), so step 1 is skipped.
+    With mean fusion and no discard the fused matrices are never formed: with
+    ``w = v / (1 + rowsum(Ā))``, ``v Â = mean_h(w A^h) + w``, one pass over each pattern. `exact`:
+    the caller vouches that every row is a distribution (unmasked softmax), so step 1 and the
+    row sums are skipped (``w = v / 2``).
     """
     if not patterns:
         raise ValueError("rollout needs at least one layer's pattern")
@@ -225,6 +226,8 @@ def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequ
     """Rows of the mean-fused, discard-free rollout, top layer down (see `rollout`)."""
     shape = patterns[0].shape
     n = shape[-1]
+    if not len(rows):
+        raise ValueError("rows is empty: give the token positions whose rollout rows you want (e.g. [0] for CLS)")
     for r in rows:
         if not 0 <= r < n:
             raise ValueError(f"row {r} outside the {n} tokens")
@@ -236,10 +239,12 @@ def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequ
         if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != n:
             raise ValueError(f"layer {layer} pattern must be (batch={shape[0]}, heads, {n}, {n}); got {tuple(p.shape)}")
         p = sites_dtype(p)
-        if signed == "refuse" or not exact:
+        if exact and signed != "refuse":
+            w = v / 2  # vouched-for distributions: rowsum(Ā) = 1
+        else:
             p = stochastic_rows(p, signed, layer=layer)
-        # rows are distributions now (or vouched for): rowsum(Ā) = 1, so w = v / 2
-        w = v / 2
+            # a row with no positive entry is zero now: use the true sums, Â = (Ā + I) / (1 + rowsum(Ā))
+            w = v / (1 + p.sum(-1).mean(1))[:, None, :]
         h = p.shape[1]
         # one GEMV over all heads at once: (b, r, h*n) @ (b, h*n, m)
         v = torch.bmm(w.repeat(1, 1, h), p.reshape(shape[0], h * n, n)) / h + w

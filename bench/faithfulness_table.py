@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--shapes", type=int, default=8)
     ap.add_argument("--models", default=",".join(ZOO))
     ap.add_argument("--readme-only", action="store_true", help="re-render the README from the file")
+    ap.add_argument("--fresh", action="store_true", help="start a new table when --shapes differs from the file's")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not args.readme_only:
@@ -100,12 +101,17 @@ def main() -> None:
             sys.exit(f"unknown models {unknown}; known: {', '.join(known)}")
         data = json.loads(OUT.read_text()) if OUT.exists() else {"shapes": args.shapes, "models": []}
         if data.get("shapes") != args.shapes:
+            if not args.fresh:
+                sys.exit(f"{OUT} holds runs on {data.get('shapes')} images, not {args.shapes}: rerun with --shapes "
+                         f"{data.get('shapes')}, or give --fresh to start a new table (the other models' rows go)")
             data = {"shapes": args.shapes, "models": []}
         for name in names:
             entry = run_model(name, args.shapes)
             data["models"] = [e for e in data["models"] if e["model"] != name] + [entry]
             data["models"].sort(key=lambda e: ZOO.index(e["model"]) if e["model"] in ZOO else len(ZOO))
             atomic_write_text(OUT, json.dumps(data, indent=1) + "\n")  # after each model: resumable
+    if not OUT.exists():
+        sys.exit(f"{OUT} does not exist yet: run without --readme-only first")
     write_readme(json.loads(OUT.read_text()))
 
 

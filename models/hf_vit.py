@@ -94,6 +94,10 @@ class HFViTAdapter(Classifier):
 
     @property
     def labels(self) -> list[str]:
+        """Class names of the head; none for a bare ``ViTModel`` (its config's default id2label
+        names classes no head computes)."""
+        if not hasattr(self.model, "classifier"):
+            return []
         id2label = getattr(self.model.config, "id2label", None) or {}
         return [str(id2label.get(i, i)) for i in range(len(id2label))]
 

@@ -103,3 +103,13 @@ def test_readme_faithfulness_table_is_generated_from_the_current_zoo():
         if row["metric"].startswith(("pointing", "energy")):
             (want,) = [r for r in entry["scores"] if r["method"] == "attention" and r["metric"] == row["metric"]]
             assert row["value"] == pytest.approx(want["value"], abs=1e-6), row
+
+
+def test_more_refusals_name_the_cause(store_root, capsys):
+    for argv, needle in [
+        (["--model", "mmca", "--methods", ","], "names no method"),
+        (["--model", "vit-standard", "--max-new-tokens", "3"], "does not caption"),
+    ]:
+        assert main(["run", "faithfulness", *argv, "--shapes", "2"]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -81,7 +81,7 @@ def test_grad_mode_leaves_outputs_and_nothing_behind(model, images):
         names = cache.names()
         grads = torch.autograd.grad(y, [cache.calls(n)[0] for n in names], allow_unused=True)
         assert sites.active_site_count() > 0
-    assert float(y) == pytest.approx(float(ref), rel=1e-9, abs=1e-9)
+    assert float(y.detach()) == pytest.approx(float(ref), rel=1e-9, abs=1e-9)
     assert names, "no pattern captured"
     used = [n for n, gr in zip(names, grads, strict=True) if gr is not None and float(gr.abs().max()) > 0]
     assert len(used) >= len(names) // 2  # the patterns are on the output's path
@@ -121,3 +121,19 @@ def test_grad_capture_refuses_no_grad_and_selections(images):
     with pytest.raises(ValueError, match="drop heads"):
         with capture(adapter, "vision.blocks.0.attn.pattern", grad=True, rows=[0]):
             pass
+
+
+@pytest.mark.parametrize("model", ["blip", "git"])
+def test_self_computing_attention_keeps_gradients_under_a_key_mask(model, images):
+    """BLIP and GIT's text stack return probabilities that an intervention masks after the fact:
+    the gradient must reach the probabilities the context was computed from, not the copy."""
+    from probe.capture import intervene
+
+    adapter, batch, ids, mask = _setup(model, images)
+    removed = torch.zeros(2, adapter.n_image_tokens, dtype=torch.bool)
+    removed[:, 1:4] = True
+    hook = adapter.flow_hook.format(i=0)
+    with intervene(adapter, adapter.mask_image_tokens(removed)), capture(adapter, hook, grad=True) as cache:
+        y = _objective(adapter, batch, ids, mask)
+        (g,) = torch.autograd.grad(y, cache[hook])
+    assert len(cache.calls(hook)) == 1 and float(g.abs().max()) > 0

@@ -151,3 +151,17 @@ def test_shared_vision_equals_per_token_for_a_single_target(shapes2):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
     many = rel.relevancy_maps(adapter, t, vision="shared")
     assert many.shape == (2, t.n_steps, 64) and float(many.sum()) > 0
+
+
+def test_one_image_saves_and_a_headless_classifier_is_refused(store_root, capsys, tmp_path):
+    assert main(["run", "relevancy", "--model", "vit-standard", "--shapes", "1"]) == 0
+    assert main(["run", "rollout", "--model", "vit-standard", "--shapes", "1"]) == 0  # views of one array
+    capsys.readouterr()
+    assert len(RunStore(store_root).list()) == 2
+    from probe.analyses.explain import check_target
+
+    bare = load_model("hf-vit", weights="random", config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                                          "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                          "intermediate_size": 64})
+    with pytest.raises(Exception, match="no classification head"):
+        check_target(bare, Target(torch.zeros(1, 3, 32, 32), labels=torch.tensor([0])))

@@ -255,3 +255,8 @@ def test_rows_only_equal_the_full_rollout():
         assert torch.allclose(ro.rollout(pats, start_layer=1, rows=[0, 4], exact=exact), full[:, [0, 4]], atol=1e-6)
     signed = [p - 0.05 for p in pats]  # rows neither positive nor summing to 1
     assert torch.allclose(ro.rollout(signed, rows=[2]), ro.rollout(signed)[:, [2]], atol=1e-6)
+    dead = [p.clone() for p in pats]
+    dead[2][:, :, 3] = -1.0  # a row with no positive entry: zero after the positive part
+    assert torch.allclose(ro.rollout(dead, rows=[0, 3]), ro.rollout(dead)[:, [0, 3]], atol=1e-6)
+    with pytest.raises(ValueError, match="rows is empty"):
+        ro.rollout(pats, rows=[])

@@ -78,9 +78,9 @@ def capture(
     modules with a fast kernel recompute their output from it; modules that compute attention
     themselves hand over their own tensor), outputs and inputs are not detached. Backpropagate
     inside the block, e.g. ``torch.autograd.grad(y, cache.calls(name))``; on exit every stored
-    tensor is detached, so no graph and no hook survives the context. `heads`, `rows`, `reduce`,
-    `dtype` and `device` must keep their defaults then (a selection would cut the graph), and the
-    forward must run with gradients enabled.
+    tensor is detached, so no graph and no hook survives the context. `heads`, `rows` and `reduce`
+    are refused then (a selection would cut the graph), `dtype` and `device` are ignored (tensors
+    stay where and as the graph has them), and the forward must run with gradients enabled.
 
     Args:
         adapter: anything with ``model``, ``hook_specs()`` and ``module(path)``.

@@ -231,10 +231,17 @@ def attend(module: nn.Module, source: PatternSource, value: torch.Tensor, out: t
     return (p.to(value.dtype) @ value).to(out.dtype)
 
 
+#: attribute set on a masked copy of probabilities whose original was already handed to gradient
+#: listeners (see `route_key_masks`)
+_EMITTED = "_probe_grad_emitted"
+
+
 def emit_grad(module: nn.Module, pattern: torch.Tensor) -> None:
     """Hand gradient listeners a pattern that already *is* the tensor a module's output is computed
     from (modules that compute attention themselves: MMCA, the conditioning block, BLIP, GIT's
     text stack). Replacements are not possible there and are refused."""
+    if getattr(pattern, _EMITTED, False):
+        return
     for fn in _mine(_grad_listeners, module) if module in _grad_listeners else []:
         if fn(pattern) is not None:
             raise ValueError(f"{type(module).__name__} computes its attention itself: its pattern cannot be "
@@ -394,7 +401,11 @@ def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, out
                 return None
             state.alive = None
             ctx, probs = out[0], out[output_index]
+            # the context was computed from these probabilities: they, not the masked copy returned
+            # below, are what gradients must reach
+            emit_grad(_m, probs)
             probs = probs * alive.to(probs.dtype)
+            setattr(probs, _EMITTED, True)
             row = alive.any(dim=1).to(ctx.dtype)  # (b, q|1, 1): a row is dead in every head alike
             ctx = ctx * row
             new = list(out)

@@ -134,7 +134,7 @@ class RunStore:
         if target.exists() or target.is_symlink():
             raise OutputExistsError(f"run {run_id} already exists in {self.root}; choose another run id")
         with atomic_dir(target) as tmp:
-            arrays = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
+            arrays = _unshared({k: v.detach().cpu().contiguous() for k, v in result.arrays.items()})
             save_file(arrays, str(tmp / "arrays.safetensors"))
             (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
             if figures:
@@ -333,3 +333,15 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def _unshared(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the arrays that share storage with an earlier one (a view such as a reshaped slice
+    of a batch of one): safetensors refuses to write shared memory."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in arrays.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out

@@ -22,10 +22,10 @@ Bi-Modal and Encoder-Decoder Transformers" (ICCV 2021):
 - classifiers (Chefer's ViT case): ``R += Ā R`` over the vision blocks, the CLS row.
 
 Target: for captioners the teacher-forced log-probability of the token produced at each step
-(``Captioner.token_logprobs``, from raw logits), for classifiers the target class logit. Each
-target needs its own gradients; targets are explained in chunks of rows of a replicated batch,
-one backward per chunk (the rows of a batch are independent, so the gradient of the sum is every
-row's own).
+(``Captioner.token_logprobs``, from raw logits; the issue's target), or with ``score="logit"`` the
+raw logit Chefer et al. differentiate; for classifiers the target class logit. Each target needs
+its own gradients: one forward per image, then one vectorised backward per chunk of its tokens
+(`pattern_gradients`).
 
 **Gradient rollout** (jacobgil/vit-explain's ``grad_rollout``; REFERENCES.md): rollout's
 residual and composition over ``mean_h (A ⊙ ∂y/∂A)^+``, each layer's gradient paired with the same
@@ -57,6 +57,7 @@ from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
 METHODS = ("chefer", "grad-rollout")
 VISION_MODES = ("per-token", "shared")
+SCORES = ("logprob", "logit")
 MAX_IMAGES = 8
 MAX_TOKENS = 12
 
@@ -138,7 +139,7 @@ def _pairs(target: Target) -> list[tuple[int, int]]:
 
 
 def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk: int = 8, *,
-                      shared: Sequence[str] = (),
+                      shared: Sequence[str] = (), score: str = "logprob",
                       ) -> Iterator[tuple[list[tuple[int, int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Patterns and their gradients for every (image, step) pair of `target`: yields (pairs,
     patterns, grads), each name -> (pairs, heads, q, k) float64 on CPU, `chunk` pairs at a time.
@@ -148,7 +149,8 @@ def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk:
     cotangents), so the forward is never repeated. Hooks in `shared` get one gradient per image,
     of the sum of its targets, repeated for each pair (one ordinary backward). Classifiers: the
     rows of a replicated batch, one target each; the objective is the sum of the rows' targets, so
-    each row's gradient is its own target's.
+    each row's gradient is its own target's. `score`: a caption token's ``logprob`` (its
+    teacher-forced log-probability) or raw ``logit``; classifiers always use the class logit.
     """
     check_target(adapter, target)
     pairs = _pairs(target)
@@ -163,7 +165,8 @@ def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk:
         ids = target.ids[i : i + 1]
         mask = None if target.mask is None else target.mask[i : i + 1]
         with torch.enable_grad(), capture(adapter, hooks, grad=True) as cache:
-            logp = adapter.token_logprobs(px, ids, mask)[0]
+            fn = adapter.token_logprobs if score == "logprob" else adapter.token_logits
+            logp = fn(px, ids, mask)[0]
             tensors = {n: cache[n] for n in hooks}
             common: dict[str, torch.Tensor] = {}
             if shared:
@@ -215,14 +218,18 @@ def _fused(pats: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], names:
 
 
 def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chunk: int = 8,
-                   vision: str = "per-token", progress: bool = False) -> torch.Tensor:
+                   vision: str = "per-token", score: str = "logprob", progress: bool = False) -> torch.Tensor:
     """Maps (b, S, patches) of `method` (``chefer`` or ``grad-rollout``) per `Target` step; see the
     module docstring for the rules. Steps not asked for are 0.
 
     `vision`: ``per-token`` (Chefer et al.: each target's own gradients everywhere) or ``shared``
     (captioners: the vision tower's layers are weighted by the gradient of the sum of the image's
     explained log-probabilities, one backward per image; the text layers keep each token's own).
-    Shared is the fast approximation: the per-token backward then stops at the text stack."""
+    Shared is the fast approximation: the per-token backward then stops at the text stack.
+    `score`: what a caption token's gradient is of: ``logprob`` (the issue's target; competing
+    tokens' logits enter through the softmax) or ``logit`` (Chefer et al.'s and REFERENCES.md's)."""
+    if score not in SCORES:
+        raise ValueError(f"score {score!r}: use one of {', '.join(SCORES)}")
     if method not in METHODS:
         raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
     if vision not in VISION_MODES:
@@ -239,7 +246,7 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
         cross = [] if adapter.capabilities.joint_attention else _names(adapter, TEXT_XATTN_PATTERN)
     hooks = vision_names + text_self + cross
     shared = vision if vision == "shared" and not isinstance(adapter, Classifier) else None
-    chunks = pattern_gradients(adapter, target, hooks, chunk, shared=vision_names if shared else ())
+    chunks = pattern_gradients(adapter, target, hooks, chunk, shared=vision_names if shared else (), score=score)
     total = int(target.step_mask().sum())
     for part, pats, grads in tqdm(chunks, total=-(-total // chunk), desc=f"{method} {adapter.name}",
                                   disable=not progress):
@@ -335,6 +342,8 @@ class Relevancy(Analysis):
                                                  "model's)", min=1)
         targets_per_backward: int = param(8, "targets explained by one (vectorised) backward; memory grows with it",
                                           min=1)
+        score: str = param("logprob", "a caption token's target: its log-probability or its raw logit",
+                           choices=SCORES)
         vision_relevancy: str = param("per-token", "vision layers weighted per token (Chefer et al.) or by the "
                                                    "whole caption's gradient (shared: faster)", choices=VISION_MODES)
         batch_size: int = param(8, "images per caption batch", min=1)
@@ -345,6 +354,8 @@ class Relevancy(Analysis):
             return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
         if params.max_new_tokens is not None:
             raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
+        if params.score != "logprob":
+            raise ParamError(f"--score {params.score}: {adapter.name} classifies; its target is the class logit")
         if params.vision_relevancy != "per-token":
             raise ParamError(f"--vision-relevancy {params.vision_relevancy}: {adapter.name} has one target per image; "
                              "drop the flag")
@@ -377,7 +388,7 @@ class Relevancy(Analysis):
                 targets.append(logits.gather(1, lab[:, None]).float().cpu())
                 labels += [adapter.labels[int(c)] for c in lab]
             maps.append(relevancy_maps(adapter, target, method=params.method, chunk=params.targets_per_backward,
-                                       vision=params.vision_relevancy, progress=True))
+                                       vision=params.vision_relevancy, score=params.score, progress=True))
         assert meta is not None
         steps = max(m.shape[1] for m in maps)
         pad = [torch.nn.functional.pad(m, (0, 0, 0, steps - m.shape[1])) for m in maps]

@@ -389,6 +389,17 @@ class Captioner(ModelAdapter):
             out = out * mask[:, 1:].to(out.device, out.dtype)
         return out
 
+    def token_logits(self, pixel_values: torch.Tensor, ids: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Like `token_logprobs`, but the raw logit of each caption token (b, T - 1) (the target
+        Chefer et al. differentiate); 0 where the token is padding."""
+        logits = self._logits(pixel_values, ids, mask)[:, :-1]
+        out = logits.gather(-1, ids[:, 1:].to(logits.device)[..., None])[..., 0]
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        if mask is not None:
+            out = out * mask[:, 1:].to(out.device, out.dtype)
+        return out
+
     def teacher_ids(self, new: torch.Tensor, tokens: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """From `caption`'s output: ids (b, T) ``[start] + generated tokens`` up to and including the
         end token, right-padded, and their mask (b, T); ``T = 1 + longest caption``. Step ``k`` of

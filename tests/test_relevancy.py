@@ -165,3 +165,14 @@ def test_one_image_saves_and_a_headless_classifier_is_refused(store_root, capsys
                                                           "intermediate_size": 64})
     with pytest.raises(Exception, match="no classification head"):
         check_target(bare, Target(torch.zeros(1, 3, 32, 32), labels=torch.tensor([0])))
+
+
+def test_logit_target_is_the_raw_logit_of_the_token(shapes2):
+    adapter = load_model("blip")
+    t = _target(adapter, shapes2.images[:1])
+    logits = adapter._logits(t.pixel_values, t.ids, t.mask)
+    want = logits[0, :-1].gather(-1, t.ids[0, 1:, None])[:, 0]
+    assert torch.allclose(adapter.token_logits(t.pixel_values, t.ids, t.mask)[0], want)
+    a = rel.relevancy_maps(adapter, t, score="logit")
+    b = rel.relevancy_maps(adapter, t, score="logprob")
+    assert a.shape == b.shape and not torch.allclose(a, b)  # a different target, a different map

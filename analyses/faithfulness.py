@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
 from probe.analyses import grounding
-from probe.analyses.explain import METHODS, Target, check_head, patch_span
+from probe.analyses.explain import METHODS, Target, check_head
 from probe.analysis import Analysis, ParamError, param
 from probe.data import ImageSet, images_to_uint8
 from probe.data.metrics import classify_classes, largest_object, normalise
@@ -410,4 +410,4 @@ def render_scores(result: FaithfulnessResult) -> Figure:
     return fig
 
 
-__all__ = ["Faithfulness", "FaithfulnessResult", "object_words", "patch_span", "table"]
+__all__ = ["Faithfulness", "FaithfulnessResult", "object_words", "table"]

@@ -12,9 +12,9 @@ Bi-Modal and Encoder-Decoder Transformers" (ICCV 2021):
   ``R̄ = normalise(R - I) + I`` (eqs. 8, 9: rows divided by their sums, a zero row stays zero);
 - encoder-decoder captioners (a separate text->image attention): every vision block, then per
   text block its self-attention rules, then eq. 10. MMCA's text->text and text->image parts are
-  one layer's two softmaxes; they are applied in that order. MMCA also updates its image stream
-  inside each fusion layer with an attention that has no hook: that stream's relevancy is not
-  followed (``R^{ii}`` is the vision tower's);
+  one layer's two softmaxes; they are applied in that order. MMCA also carries its image stream
+  through each fusion layer (``text.blocks.{i}.vattn.pattern``): eq. 6 on ``R^{ii}`` after the
+  layer's eq. 10, since the text read the stream as it entered the layer;
 - one joint stack over ``[image; text]`` (GIT, the prefix VLM): ``R += Ā R`` over the joint
   sequence (Chefer's self-attention rule); the target token's row, restricted to the image span,
   is then composed with the vision tower's normalised self-relevancy, ``row · R̄^{ii}``, so that
@@ -52,7 +52,14 @@ from probe.capture import capture
 from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import Result
-from probe.types import TEXT_PATTERN, TEXT_XATTN_PATTERN, VISION_PATTERN, ProbeError, select
+from probe.types import (
+    TEXT_PATTERN,
+    TEXT_VATTN_PATTERN,
+    TEXT_XATTN_PATTERN,
+    VISION_PATTERN,
+    ProbeError,
+    select,
+)
 from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
 METHODS = ("chefer", "grad-rollout")
@@ -97,18 +104,26 @@ def encoder_relevancy(vision: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def decoder_relevancy(r_ii: torch.Tensor, text_self: Sequence[torch.Tensor],
-                      text_cross: Sequence[torch.Tensor]) -> torch.Tensor:
+                      text_cross: Sequence[torch.Tensor],
+                      image_self: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Encoder-decoder rules: per text block self-attention (eqs. 6, 7), then eq. 10.
 
-    Args: r_ii (b, n_i, n_i); text_self (b, T, T) and text_cross (b, T, n_i) per text block.
+    Args: r_ii (b, n_i, n_i); text_self (b, T, T) and text_cross (b, T, n_i) per text block;
+        image_self (b, n_i, n_i) per text block for decoders that carry their own visual stream
+        (MMCA): block l's text reads the visual stream as it entered the block, so eq. 10 uses
+        ``R^{ii}`` before the block's own image self-attention, which then updates it (eq. 6)
+        for the next block.
     Returns: ``R^{ti}`` (b, T, n_i).
     """
     b, t = text_self[0].shape[0], text_self[0].shape[-1]
     r_tt = torch.eye(t, dtype=r_ii.dtype).expand(b, t, t).clone()
     r_ti = torch.zeros(b, t, r_ii.shape[-1], dtype=r_ii.dtype)
-    for a_tt, a_ti in zip(text_self, text_cross, strict=True):
+    vv = list(image_self) if image_self is not None else [None] * len(text_self)
+    for a_tt, a_ti, a_vv in zip(text_self, text_cross, vv, strict=True):
         r_tt, r_ti = self_rule(r_tt, a_tt), self_rule(r_ti, a_tt)
         r_ti = cross_rule(r_ti, r_tt, a_ti, r_ii)
+        if a_vv is not None:
+            r_ii = self_rule(r_ii, a_vv)
     return r_ti
 
 
@@ -130,7 +145,12 @@ def grad_rollout(fused: Sequence[torch.Tensor]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ gradients
 def _names(adapter: Any, template: str) -> list[str]:
-    return [s.name for s in sorted(select(adapter.hook_specs(), template.format(i="*")), key=lambda s: s.layer)]
+    """The adapter's hooks of a template, in layer order (none when it has no such hook)."""
+    try:
+        specs = select(adapter.hook_specs(), template.format(i="*"))
+    except KeyError:
+        return []
+    return [s.name for s in sorted(specs, key=lambda s: s.layer)]
 
 
 def _pairs(target: Target) -> list[tuple[int, int]]:
@@ -187,7 +207,10 @@ def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk:
 
 def _grad_or_zero(g: torch.Tensor | None, like: torch.Tensor, name: str = "a pattern") -> torch.Tensor:
     """The gradient on CPU in float64; a pattern the target's gradient never reaches is an error
-    (it would silently give a zero map), not a zero."""
+    (it would silently give a zero map), not a zero, except a decoder's visual-stream attention
+    (``vattn``), which the text may no longer read after its last layer."""
+    if g is None and ".vattn." in name:
+        return torch.zeros(like.shape, dtype=torch.float64)
     if g is None:
         raise ProbeError(f"{name} is not on the path of the target's gradient (was it captured from a copy, e.g. "
                          "under an intervention?): relevancy cannot weight it")
@@ -244,7 +267,8 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
     else:
         text_self = _names(adapter, TEXT_PATTERN)
         cross = [] if adapter.capabilities.joint_attention else _names(adapter, TEXT_XATTN_PATTERN)
-    hooks = vision_names + text_self + cross
+    image_self = [] if isinstance(adapter, Classifier) else _names(adapter, TEXT_VATTN_PATTERN)
+    hooks = vision_names + text_self + cross + image_self
     shared = vision if vision == "shared" and not isinstance(adapter, Classifier) else None
     chunks = pattern_gradients(adapter, target, hooks, chunk, shared=vision_names if shared else (), score=score)
     total = int(target.step_mask().sum())
@@ -276,7 +300,8 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
             row = r[ar, t0 + idx_k, :n_img]
             out[idx_i, idx_k] = (row[:, None] @ normalise(r_ii))[:, 0, lo:hi]
         else:
-            r_ti = decoder_relevancy(r_ii, _fused(pats, grads, text_self), _fused(pats, grads, cross))
+            r_ti = decoder_relevancy(r_ii, _fused(pats, grads, text_self), _fused(pats, grads, cross),
+                                     _fused(pats, grads, image_self) if image_self else None)
             out[idx_i, idx_k] = r_ti[ar, idx_k, lo:hi]
     return out.float()
 

@@ -186,6 +186,8 @@ class MMCAAdapter(CharCaptioner):
                          shape="(batch, heads, text, text): causal text->text softmax"),
                     Hook("xattn.pattern", "attn.cross_site", "pattern", n_heads=h,
                          shape="(batch, heads, text, image): text->image softmax"),
+                    Hook("vattn.pattern", "attn.vision_site", "pattern", n_heads=h,
+                         shape="(batch, heads, image, image): the visual stream's softmax"),
                     Hook("attn.z", "attn.out_proj", "input", n_heads=h,
                          shape="(batch, tokens, heads * head_dim), both streams"),
                 ))]

@@ -55,6 +55,8 @@ VOCABULARY: tuple[HookName, ...] = (
     HookName("text.blocks.{i}.xattn.pattern", "(batch, heads, text, image)",
              "text->image attention where it is separate (ViT-GPT2, BLIP, MMCA)"),
     HookName("text.blocks.{i}.xattn.z", "(batch, text, heads * head_dim)", "per-head cross-attention outputs"),
+    HookName("text.blocks.{i}.vattn.pattern", "(batch, heads, image, image)",
+             "image->image attention of a decoder layer that carries its own visual stream (MMCA)"),
     HookName("text.blocks.{i}.resid_post", "(batch, text, dim)", "the block's output"),
 )
 
@@ -296,4 +298,5 @@ VISION_PATTERN = "vision.blocks.{i}.attn.pattern"
 VISION_OUTPUT = "vision.output"
 TEXT_PATTERN = "text.blocks.{i}.attn.pattern"
 TEXT_XATTN_PATTERN = "text.blocks.{i}.xattn.pattern"
+TEXT_VATTN_PATTERN = "text.blocks.{i}.vattn.pattern"
 FUSION_PROJ = "fusion.proj"

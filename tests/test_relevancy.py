@@ -176,3 +176,21 @@ def test_logit_target_is_the_raw_logit_of_the_token(shapes2):
     a = rel.relevancy_maps(adapter, t, score="logit")
     b = rel.relevancy_maps(adapter, t, score="logprob")
     assert a.shape == b.shape and not torch.allclose(a, b)  # a different target, a different map
+
+
+def test_a_decoder_visual_stream_updates_image_relevancy_after_each_block():
+    r_ii = _t([[1.5, 0.5], [0.0, 2.0]])
+    a_tt = [_t([[1.0, 0.0], [0.5, 0.5]])] * 2
+    a_ti = [_t([[1.0, 0.0], [0.25, 0.75]])] * 2
+    a_vv = [_t([[0.2, 0.8], [0.6, 0.4]])] * 2
+    # block 0 reads R^ii as it entered; then R^ii += A_vv R^ii; block 1 reads the updated one
+    r_tt = torch.eye(2, dtype=torch.float64)[None]
+    r_ti = torch.zeros(1, 2, 2, dtype=torch.float64)
+    ii = r_ii
+    for k in range(2):
+        r_tt = r_tt + a_tt[k] @ r_tt
+        r_ti = r_ti + a_tt[k] @ r_ti
+        r_ti = r_ti + rel.normalise(r_tt).transpose(-1, -2) @ a_ti[k] @ rel.normalise(ii)
+        ii = ii + a_vv[k] @ ii
+    assert torch.allclose(rel.decoder_relevancy(r_ii, a_tt, a_ti, a_vv), r_ti)
+    assert not torch.allclose(rel.decoder_relevancy(r_ii, a_tt, a_ti), r_ti)  # the stream matters

@@ -17,7 +17,9 @@ import torch
 
 from probe.capture.cache import ActivationCache
 from probe.capture.engine import HasHooks, HeadReduction, capture
-from probe.types import select
+from probe.types import TEXT_VATTN_PATTERN, select, vocabulary_entry
+
+VATTN = vocabulary_entry(TEXT_VATTN_PATTERN.format(i=0))
 
 
 @contextmanager
@@ -32,8 +34,10 @@ def capture_generation(
 ) -> Iterator[ActivationCache]:
     """Capture the hooks matching `hooks` while a generation loop runs inside the block."""
     specs = select(adapter.hook_specs(), hooks)
-    text = [s.name for s in specs if s.name.startswith("text.")]
-    other = [s.name for s in specs if not s.name.startswith("text.")]
+    # text-query hooks keep the newest row per step; the rest (vision, and a decoder's own visual
+    # stream, whose queries are image tokens) are captured whole at every call
+    text = [s.name for s in specs if s.name.startswith("text.") and vocabulary_entry(s.name) != VATTN]
+    other = [s.name for s in specs if s.name not in text]
     cache = ActivationCache()
     cache.stepwise = set(text)
     kw: dict[str, Any] = {"heads": heads, "reduce": reduce, "dtype": dtype, "device": device, "cache": cache}

@@ -104,19 +104,6 @@ def _token_mask(patches: np.ndarray | torch.Tensor, n_tokens: int, span: tuple[i
 
 
 # ----------------------------------------------------------------------------- model plumbing
-def _reference_ids(adapter: Any, new: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[start] + generated tokens up to and including the end token, right-padded: ids, mask (b, T)."""
-    start, pad = adapter.specials.start, adapter.specials.pad
-    t = 1 + max(lengths)
-    ids = torch.full((len(lengths), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(lengths), t), dtype=torch.long)
-    ids[:, 0], mask[:, 0] = start, 1
-    for i, n in enumerate(lengths):
-        ids[i, 1 : 1 + n] = new[i, :n].cpu()
-        mask[i, : 1 + n] = 1
-    return ids, mask
-
-
 def _text_batch(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pixel_values": px, "input_ids": ids.to(adapter.device), "attention_mask": mask.to(adapter.device)}
 
@@ -398,7 +385,7 @@ def reference(adapter: Any, images: Sequence[Any], max_new_tokens: int | None = 
     """Pixels, the unablated greedy captions, and their ids and mask ([start] + tokens + end)."""
     px = adapter.preprocess(list(images))["pixel_values"]
     ref = adapter.caption_pixels(px, max_new_tokens)
-    ids, mask = _reference_ids(adapter, ref["ids"], [max(1, len(t)) for t in ref["tokens"]])
+    ids, mask = adapter.teacher_ids(ref["ids"], ref["tokens"])
     return px, ref, ids, mask
 
 

@@ -29,7 +29,6 @@ exactly 0, and the gradient of a sum is that of its summand.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +43,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
-from probe.analyses.explain import METHODS, Method, Target, check_target, patch_span, register_method
+from probe.analyses.explain import (
+    METHODS,
+    Method,
+    Target,
+    check_target,
+    patch_span,
+    register_method,
+    with_caption_length,
+)
 from probe.analyses.grounding import remove_patches
 from probe.analysis import Analysis, ParamError, param
 from probe.capture import intervene
@@ -655,11 +662,7 @@ class Attribution(Analysis):
             why = METHODS[m].refusal(adapter)
             if why:
                 raise ProbeError(f"--methods {m}: {why}")
-        if isinstance(adapter, Captioner):
-            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
-        if params.max_new_tokens is not None:
-            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
-        return params
+        return with_caption_length(adapter, params)
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> AttributionResult:
         """Greedy captions (captioners) or the predicted class (classifiers) as targets, every real

@@ -12,6 +12,7 @@ holds the contract and the plain-attention baseline (`attention_maps`) the other
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from probe.adapter import Captioner, Classifier
+from probe.analysis import ParamError
 from probe.capture import capture
 from probe.types import ProbeError, layer_of, select
 
@@ -66,6 +68,17 @@ class Target:
                     raise ValueError(f"step {k} of image {i} is outside its caption's {s} steps")
                 out[i, k] = True
         return out & real
+
+
+def with_caption_length(adapter: Any, params: Any) -> Any:
+    """`params` with ``max_new_tokens`` resolved: the captioner's default when unset; refused in
+    one line on a model that does not caption (`probe.analysis.Analysis.resolve` of every analysis
+    with that flag)."""
+    if isinstance(adapter, Captioner):
+        return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
+    if params.max_new_tokens is not None:
+        raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
+    return params
 
 
 def check_head(adapter: Any) -> None:
@@ -141,10 +154,18 @@ def patch_span(adapter: Any) -> tuple[int, int]:
     return 1, int(adapter.n_image_tokens)
 
 
+def hook_names(adapter: Any, template: str) -> list[str]:
+    """The adapter's hooks of a name template (``{i}`` = block), in layer order; [] when it has none."""
+    try:
+        specs = select(adapter.hook_specs(), template.format(i="*"))
+    except KeyError:
+        return []
+    return [s.name for s in sorted(specs, key=lambda s: layer_of(s.name))]
+
+
 def flow_layers(adapter: Captioner) -> list[str]:
     """Names of the flow pattern (the text->image attention) per text layer, in layer order."""
-    specs = select(adapter.hook_specs(), adapter.flow_hook.format(i="*"))
-    return [s.name for s in sorted(specs, key=lambda s: layer_of(s.name))]
+    return hook_names(adapter, adapter.flow_hook)
 
 
 def text_rows(adapter: Captioner, pattern: torch.Tensor, n_steps: int) -> torch.Tensor:

@@ -24,7 +24,6 @@ Stored ``result.json`` holds ``scores``: rows ``{method, metric, value, n, basel
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
 from probe.analyses import grounding
-from probe.analyses.explain import METHODS, Target, check_head
+from probe.analyses.explain import METHODS, Target, check_head, with_caption_length
 from probe.analysis import Analysis, ParamError, param
 from probe.data import ImageSet, images_to_uint8
 from probe.data.metrics import classify_classes, largest_object, normalise
@@ -165,11 +164,7 @@ class Faithfulness(Analysis):
 
     def resolve(self, adapter: Any, params: Params) -> Params:
         check_head(adapter)
-        if isinstance(adapter, Captioner):
-            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
-        if params.max_new_tokens is not None:
-            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
-        return params
+        return with_caption_length(adapter, params)
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> FaithfulnessResult:
         """Returns a `FaithfulnessResult` (see the module docstring)."""

@@ -35,7 +35,6 @@ at the step (gradient-weighted, mean over text layers) is composed with it, as `
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,7 +44,16 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from probe.adapter import Captioner, Classifier
-from probe.analyses.explain import Method, Target, check_head, check_target, patch_span, register_method
+from probe.analyses.explain import (
+    Method,
+    Target,
+    check_head,
+    check_target,
+    hook_names,
+    patch_span,
+    register_method,
+    with_caption_length,
+)
 from probe.analyses.rollout import add_residual
 from probe.analysis import Analysis, ParamError, param
 from probe.capture import capture
@@ -58,7 +66,6 @@ from probe.types import (
     TEXT_XATTN_PATTERN,
     VISION_PATTERN,
     ProbeError,
-    select,
 )
 from probe.viz.figures import grid, no_ticks, overlay, short, token_maps
 
@@ -105,7 +112,7 @@ def encoder_relevancy(vision: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def decoder_relevancy(r_ii: torch.Tensor, text_self: Sequence[torch.Tensor],
                       text_cross: Sequence[torch.Tensor],
-                      image_self: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                      image_self: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Encoder-decoder rules: per text block self-attention (eqs. 6, 7), then eq. 10.
 
     Args: r_ii (b, n_i, n_i); text_self (b, T, T) and text_cross (b, T, n_i) per text block;
@@ -144,15 +151,6 @@ def grad_rollout(fused: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ gradients
-def _names(adapter: Any, template: str) -> list[str]:
-    """The adapter's hooks of a template, in layer order (none when it has no such hook)."""
-    try:
-        specs = select(adapter.hook_specs(), template.format(i="*"))
-    except KeyError:
-        return []
-    return [s.name for s in sorted(specs, key=lambda s: s.layer)]
-
-
 def _pairs(target: Target) -> list[tuple[int, int]]:
     m = target.step_mask()
     return [(int(i), int(k)) for i, k in m.nonzero().tolist()]
@@ -207,10 +205,7 @@ def pattern_gradients(adapter: Any, target: Target, hooks: Sequence[str], chunk:
 
 def _grad_or_zero(g: torch.Tensor | None, like: torch.Tensor, name: str = "a pattern") -> torch.Tensor:
     """The gradient on CPU in float64; a pattern the target's gradient never reaches is an error
-    (it would silently give a zero map), not a zero, except a decoder's visual-stream attention
-    (``vattn``), which the text may no longer read after its last layer."""
-    if g is None and ".vattn." in name:
-        return torch.zeros(like.shape, dtype=torch.float64)
+    (it would silently give a zero map), not a zero."""
     if g is None:
         raise ProbeError(f"{name} is not on the path of the target's gradient (was it captured from a copy, e.g. "
                          "under an intervention?): relevancy cannot weight it")
@@ -257,7 +252,7 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
         raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
     if vision not in VISION_MODES:
         raise ValueError(f"vision {vision!r}: use one of {', '.join(VISION_MODES)}")
-    vision_names = _names(adapter, VISION_PATTERN)
+    vision_names = hook_names(adapter, VISION_PATTERN)
     lo, hi = patch_span(adapter)
     n_img = int(adapter.n_image_tokens)
     out = torch.zeros(target.batch, target.n_steps, hi - lo, dtype=torch.float64)
@@ -265,9 +260,10 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
         text_self: list[str] = []
         cross: list[str] = []
     else:
-        text_self = _names(adapter, TEXT_PATTERN)
-        cross = [] if adapter.capabilities.joint_attention else _names(adapter, TEXT_XATTN_PATTERN)
-    image_self = [] if isinstance(adapter, Classifier) else _names(adapter, TEXT_VATTN_PATTERN)
+        text_self = hook_names(adapter, TEXT_PATTERN)
+        cross = [] if adapter.capabilities.joint_attention else hook_names(adapter, TEXT_XATTN_PATTERN)
+    # a decoder's visual stream (MMCA): the last layer's update is read by nothing, so not requested
+    image_self = [] if isinstance(adapter, Classifier) else hook_names(adapter, TEXT_VATTN_PATTERN)[:-1]
     hooks = vision_names + text_self + cross + image_self
     shared = vision if vision == "shared" and not isinstance(adapter, Classifier) else None
     chunks = pattern_gradients(adapter, target, hooks, chunk, shared=vision_names if shared else (), score=score)
@@ -301,13 +297,13 @@ def relevancy_maps(adapter: Any, target: Target, *, method: str = "chefer", chun
             out[idx_i, idx_k] = (row[:, None] @ normalise(r_ii))[:, 0, lo:hi]
         else:
             r_ti = decoder_relevancy(r_ii, _fused(pats, grads, text_self), _fused(pats, grads, cross),
-                                     _fused(pats, grads, image_self) if image_self else None)
+                                     [*_fused(pats, grads, image_self), None] if image_self else None)
             out[idx_i, idx_k] = r_ti[ar, idx_k, lo:hi]
     return out.float()
 
 
 def _not_without_vision(adapter: Any) -> str | None:
-    if not _names(adapter, VISION_PATTERN):
+    if not hook_names(adapter, VISION_PATTERN):
         return f"{adapter.name} exposes no vision attention patterns; gradient relevancy needs them"
     return None
 
@@ -375,10 +371,9 @@ class Relevancy(Analysis):
 
     def resolve(self, adapter: Any, params: Params) -> Params:
         check_head(adapter)
+        params = with_caption_length(adapter, params)
         if isinstance(adapter, Captioner):
-            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
-        if params.max_new_tokens is not None:
-            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
+            return params
         if params.score != "logprob":
             raise ParamError(f"--score {params.score}: {adapter.name} classifies; its target is the class logit")
         if params.vision_relevancy != "per-token":

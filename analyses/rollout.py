@@ -26,7 +26,6 @@ the captured hooks do not expose per step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,9 +44,11 @@ from probe.analyses.explain import (
     patch_span,
     register_method,
     text_rows,
+    with_caption_length,
 )
 from probe.analysis import Analysis, ParamError, param
 from probe.capture import capture
+from probe.capture.sites import at_least_float32
 from probe.data import ImageSet, images_to_uint8
 from probe.registry import register_analysis
 from probe.runs.results import Result
@@ -200,7 +201,7 @@ def rollout(patterns: Sequence[torch.Tensor], *, fusion: str = "mean", discard_r
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"layer {layer}'s attention holds NaN or inf (float16 overflows in some kinds: use "
                              "--dtype bfloat16 or float32)")
-        p = sites_dtype(p) if rows is not None else p.double()
+        p = at_least_float32(p) if rows is not None else p.double()
         a = fuse_heads(stochastic_rows(p, signed, layer=layer), fusion)
         a = add_residual(discard_smallest(a, discard_ratio, keep))
         if rows is not None:
@@ -231,14 +232,14 @@ def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequ
     for r in rows:
         if not 0 <= r < n:
             raise ValueError(f"row {r} outside the {n} tokens")
-    p0 = sites_dtype(patterns[-1])
+    p0 = at_least_float32(patterns[-1])
     v = torch.zeros(shape[0], len(rows), n, dtype=p0.dtype, device=p0.device)
     v[:, torch.arange(len(rows)), torch.as_tensor(list(rows))] = 1.0
     for layer in reversed(range(start_layer, len(patterns))):
         p = patterns[layer]
         if p.dim() != 4 or p.shape[-1] != p.shape[-2] or p.shape[0] != shape[0] or p.shape[-1] != n:
             raise ValueError(f"layer {layer} pattern must be (batch={shape[0]}, heads, {n}, {n}); got {tuple(p.shape)}")
-        p = sites_dtype(p)
+        p = at_least_float32(p)
         if exact and signed != "refuse":
             w = v / 2  # vouched-for distributions: rowsum(Ā) = 1
         else:
@@ -254,11 +255,6 @@ def _rollout_rows(patterns: Sequence[torch.Tensor], start_layer: int, rows: Sequ
         raise ValueError("the attention holds NaN or inf (float16 overflows in some kinds: use --dtype bfloat16 or "
                          "float32)")
     return v.float()
-
-
-def sites_dtype(p: torch.Tensor) -> torch.Tensor:
-    """`p` in float32, or float64 when it is float64."""
-    return p if p.dtype == torch.float64 else p.float()
 
 
 def compose_text_rows(rows: torch.Tensor, vision_rollout: torch.Tensor) -> torch.Tensor:
@@ -374,11 +370,7 @@ class Rollout(Analysis):
         if params.start_layer >= depth:
             raise ParamError(f"--start-layer {params.start_layer}: {adapter.name} has {depth} vision layers "
                              f"(use 0 to {depth - 1})")
-        if isinstance(adapter, Captioner):
-            return dataclasses.replace(params, max_new_tokens=params.max_new_tokens or adapter.max_new_tokens)
-        if params.max_new_tokens is not None:
-            raise ParamError(f"--max-new-tokens: {adapter.name} does not caption; drop the flag")
-        return params
+        return with_caption_length(adapter, params)
 
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> RolloutResult:
         """Returns a `RolloutResult` (see its docstring for the arrays)."""

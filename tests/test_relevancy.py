@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from probe.analyses import relevancy as rel
-from probe.analyses.explain import Target
+from probe.analyses.explain import Target, hook_names
 from probe.capture import capture
 from probe.cli import main
 from probe.data import ImageSet
@@ -96,7 +96,7 @@ def test_every_family_and_batching_does_not_mix_targets(name, shapes2):
 def test_classifier_relevancy_equals_a_manual_chefer_loop(shapes2):
     adapter = load_model("vit-standard")
     target = _target(adapter, shapes2.images[:1])
-    names = rel._names(adapter, "vision.blocks.{i}.attn.pattern")
+    names = hook_names(adapter, "vision.blocks.{i}.attn.pattern")
     px = target.pixel_values.clone().requires_grad_()
     with capture(adapter, names, grad=True) as cache:
         y = adapter.forward({"pixel_values": px})[0, int(target.labels[0])]
@@ -126,7 +126,7 @@ def test_cli_relevancy(store_root, capsys):
 def test_vectorised_per_target_gradients_equal_one_backward_per_target(name, shapes2):
     adapter = load_model(name)
     target = _target(adapter, shapes2.images)
-    hooks = rel._names(adapter, "vision.blocks.{i}.attn.pattern") + rel._names(adapter, "text.blocks.{i}.attn.pattern")
+    hooks = hook_names(adapter, "vision.blocks.{i}.attn.pattern") + hook_names(adapter, "text.blocks.{i}.attn.pattern")
     got = {}
     for part, _, grads in rel.pattern_gradients(adapter, target, hooks, chunk=3):
         for j, pair in enumerate(part):

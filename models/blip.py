@@ -78,6 +78,7 @@ class BlipAdapter(HFCaptioner):
             Block("vision", "vision_model.encoder.layers.{i}", v.num_hidden_layers, (
                 Hook("attn.pattern", "self_attn", "pattern", n_heads=hv, output_index=1),
                 Hook("attn.z", "self_attn.projection", "input", n_heads=hv),
+                Hook("resid_pre", "", "input"),
                 Hook("resid_post", "", "output"),
             )),
             Block("text", "text_decoder.bert.encoder.layer.{i}", t.num_hidden_layers, (

@@ -88,6 +88,7 @@ class GitAdapter(HFCaptioner):
             Block("vision", "git.image_encoder.vision_model.encoder.layers.{i}", v.num_hidden_layers, (
                 Hook("attn.pattern", "self_attn", "pattern", n_heads=v.num_attention_heads),
                 Hook("attn.z", "self_attn.out_proj", "input", n_heads=v.num_attention_heads),
+                Hook("resid_pre", "", "input"),
                 Hook("resid_post", "", "output"),
             )),
             Block("text", "git.encoder.layer.{i}", c.num_hidden_layers, (

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Self
 import torch
 
 from probe.adapter import Captioner, Specials
+from probe.capture import uncached
 from probe.types import WeightsInfo
 from probe.weights import CheckpointError, from_pretrained, hf_part, read_json
 
@@ -178,6 +179,8 @@ class HFCaptioner(Captioner):
 
     def _generate(self, pixel_values: torch.Tensor, max_new_tokens: int, num_beams: int, **kw: Any) -> torch.Tensor:
         kw.setdefault("do_sample", False)
+        if uncached(self.model):  # a position-indexed intervention on the decoder: every step re-runs the prefix
+            kw["use_cache"] = False
         out = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                   **self._generate_kwargs(pixel_values), **kw)
         return out[:, 1:]  # the start token

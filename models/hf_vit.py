@@ -27,6 +27,7 @@ def hf_vit_block(config: Any) -> Block:
     return Block("vision", "layers.{i}", config.num_hidden_layers, (
         Hook("attn.pattern", "attention", "pattern", n_heads=h),
         Hook("attn.z", "attention.o_proj", "input", n_heads=h),
+        Hook("resid_pre", "", "input"),
         Hook("resid_post", "", "output"),
     ))
 

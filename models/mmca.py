@@ -190,6 +190,8 @@ class MMCAAdapter(CharCaptioner):
                          shape="(batch, heads, image, image): the visual stream's softmax"),
                     Hook("attn.z", "attn.out_proj", "input", n_heads=h,
                          shape="(batch, tokens, heads * head_dim), both streams"),
+                    Hook("resid_post", "", "output", output_index=1,
+                         shape="(batch, text, dim): the text stream (the block returns (visual, text))"),
                 ))]
 
     def single_hooks(self) -> list[HookSpec]:

@@ -132,6 +132,7 @@ def vit_block(cfg: ViTConfig) -> Block:
     return Block("vision", "blocks.{i}", cfg.depth, (
         Hook("attn.pattern", "attn", "pattern", n_heads=cfg.heads, approximate=cfg.attention in APPROXIMATE_KINDS),
         Hook("attn.z", "attn.out_proj", "input", n_heads=cfg.heads),
+        Hook("resid_pre", "", "input"),
         Hook("resid_post", "", "output"),
     ))
 

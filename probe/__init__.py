@@ -18,7 +18,16 @@ import types as _types
 from typing import Any
 
 from probe import analyses, models, registry
-from probe.capture import ActivationCache, MaskTokens, Precomputed, Replace, ZeroHeads, capture, intervene
+from probe.capture import (
+    ActivationCache,
+    MaskTokens,
+    Patch,
+    Precomputed,
+    Replace,
+    ZeroHeads,
+    capture,
+    intervene,
+)
 from probe.data import ImageSet, load_images
 from probe.pipeline import RunSpec, execute
 from probe.registry import load_model
@@ -40,6 +49,6 @@ for _pkg in (models, analyses):
 del _pkg
 
 __all__ = [
-    "ActivationCache", "ImageSet", "MaskTokens", "Precomputed", "Replace", "RunSpec", "RunStore",
+    "ActivationCache", "ImageSet", "MaskTokens", "Patch", "Precomputed", "Replace", "RunSpec", "RunStore",
     "ZeroHeads", "analyses", "capture", "execute", "intervene", "load_images", "load_model", "models",
 ]

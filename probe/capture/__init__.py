@@ -7,6 +7,7 @@ from probe.capture.engine import (
     HeadReduction,
     Intervention,
     MaskTokens,
+    Patch,
     Precomputed,
     Replace,
     ZeroHeads,
@@ -15,11 +16,12 @@ from probe.capture.engine import (
     record_outputs,
     reduce_heads,
     select_batch,
+    uncached,
 )
 from probe.capture.generation import capture_generation, generated_tokens
 
 __all__ = [
-    "ActivationCache", "HasHooks", "HeadReduction", "Intervention", "MaskTokens", "Precomputed",
+    "ActivationCache", "HasHooks", "HeadReduction", "Intervention", "MaskTokens", "Patch", "Precomputed",
     "Replace", "ZeroHeads", "capture", "capture_generation", "generated_tokens", "intervene",
-    "record_outputs", "reduce_heads", "select_batch",
+    "record_outputs", "reduce_heads", "select_batch", "uncached",
 ]

@@ -11,6 +11,7 @@ be captured and intervened on from several threads at once.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -226,7 +227,50 @@ class Precomputed:
     output: Any
 
 
-Intervention = ZeroHeads | Replace | MaskTokens | Precomputed
+@dataclass(frozen=True)
+class Patch:
+    """Activation patching: write `source`, the activation a *clean* run produced at `hook`, into
+    this run wherever `tokens` and `heads` say; every other entry stays as this run computes it.
+
+    `hook` names one ``(batch, tokens, features)`` hook (``*.resid_post``, ``*.attn.z`` ...).
+    `source` is (batch or 1, tokens, features) (capture it from the clean run first). `tokens`:
+    None (every position), a list of positions (every row), or a bool tensor (batch, tokens), True
+    meaning patched, so each row of a batch can patch a different set (one forward per sweep).
+    `heads` (per-head hooks only): None (every head), a list of heads, or bool (batch, n_heads).
+
+    Positions are absolute. A call shorter than `source` covers its first positions (a causal
+    prefix); positions past the end of `source` are never patched. While a Patch on a text hook is
+    active, captioners generate without their decoder's key/value cache (`uncached`), so every
+    step re-runs the whole prefix and is patched at the same absolute positions as teacher forcing.
+    """
+
+    hook: str
+    source: torch.Tensor
+    tokens: Sequence[int] | torch.Tensor | None = None
+    heads: Sequence[int] | torch.Tensor | None = None
+
+
+Intervention = ZeroHeads | Replace | MaskTokens | Precomputed | Patch
+
+# models under a position-indexed intervention on a text hook: generation must not use a KV cache
+_UNCACHED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def uncached(model: nn.Module) -> bool:
+    """Whether an active intervention needs `model` to generate without its key/value cache (see `Patch`)."""
+    with sites.LOCK:
+        return _UNCACHED.get(model, 0) > 0
+
+
+class _Uncache:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        with sites.LOCK:
+            _UNCACHED[model] = _UNCACHED.get(model, 0) + 1
+
+    def remove(self) -> None:
+        with sites.LOCK:
+            _UNCACHED[self.model] -= 1
 
 
 def _whole(indices: Sequence[Any], what: str) -> None:
@@ -314,6 +358,9 @@ def intervene(adapter: HasHooks, interventions: Sequence[Intervention]) -> Itera
                         handles.append(sites.route_key_masks(module, s.mask_arg, s.mask_base, s.output_index))
                     handles.append(sites.add_key_mask(module, fn))
                 continue
+            if isinstance(iv, Patch):
+                handles.extend(_install_patch(adapter, all_specs, iv))
+                continue
             for spec in select(all_specs, iv.hook):
                 if isinstance(iv, Precomputed):
                     handles.append(_stand_in(adapter, spec, iv.output))
@@ -325,13 +372,72 @@ def intervene(adapter: HasHooks, interventions: Sequence[Intervention]) -> Itera
             h.remove()
 
 
-def _install_value_hook(module: nn.Module, spec: HookSpec, iv: ZeroHeads | Replace) -> Any:
+def _patch_mask(iv: Patch, spec: HookSpec, batch: int, n: int, features: int, device: torch.device) -> torch.Tensor:
+    """Bool (batch, n, features): which entries of the first `n` positions `iv` patches."""
+    if iv.tokens is None:
+        rows = torch.ones(batch, n, dtype=torch.bool, device=device)
+    elif isinstance(iv.tokens, torch.Tensor):
+        if iv.tokens.dtype != torch.bool or iv.tokens.dim() != 2 or iv.tokens.shape[0] not in (1, batch):
+            raise ValueError(f"Patch {spec.name}: tokens must be a bool tensor (batch={batch}, tokens), True = "
+                             f"patched; got {iv.tokens.dtype} {tuple(iv.tokens.shape)}")
+        rows = torch.zeros(iv.tokens.shape[0], n, dtype=torch.bool, device=device)
+        m = min(n, iv.tokens.shape[1])
+        rows[:, :m] = iv.tokens[:, :m].to(device)
+        rows = rows.expand(batch, n)
+    else:
+        rows = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        rows[:, [t for t in iv.tokens if t < n]] = True
+    if iv.heads is None:
+        return rows[..., None].expand(batch, n, features)
+    n_heads = spec.n_heads or 1
+    heads = ~_head_keep(iv.heads, batch, n_heads, rows.float()).bool()  # True = patched
+    per = heads[:, None, :, None].expand(batch, n, n_heads, features // n_heads)
+    return (rows[:, :, None, None] & per).reshape(batch, n, features)
+
+
+def _install_patch(adapter: HasHooks, all_specs: list[HookSpec], iv: Patch) -> list[Any]:
+    specs = select(all_specs, iv.hook)
+    if len(specs) != 1:
+        raise ValueError(f"Patch names one hook (its source is that hook's activation); {iv.hook!r} matches "
+                         f"{len(specs)}: {', '.join(s.name for s in specs[:6]) or 'none'}")
+    (spec,) = specs
+    src = iv.source
+    if not isinstance(src, torch.Tensor) or src.dim() != 3:
+        raise ValueError(f"Patch {spec.name}: source must be a (batch or 1, tokens, features) tensor, the clean "
+                         f"run's activation; got {getattr(src, 'shape', type(src).__name__)}")
+    if iv.heads is not None and spec.n_heads is None:
+        raise ValueError(f"Patch {spec.name}: heads need a per-head hook (*.attn.z, *.xattn.z)")
+    if not isinstance(iv.tokens, torch.Tensor) and iv.tokens is not None:
+        _whole(iv.tokens, "Patch positions")
+        bad = [t for t in iv.tokens if not 0 <= t < src.shape[1]]
+        if bad:
+            raise ValueError(f"Patch {spec.name}: positions {bad} out of range: the source has {src.shape[1]} tokens")
+
+    def change(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != src.shape[-1] or src.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"Patch {spec.name}: source {tuple(src.shape)} does not fit the activation "
+                             f"{tuple(x.shape)} (batch or 1, tokens, features)")
+        n = min(x.shape[1], src.shape[1])
+        mask = _patch_mask(iv, spec, x.shape[0], n, x.shape[-1], x.device)
+        head = torch.where(mask, src[:, :n].to(device=x.device, dtype=x.dtype), x[:, :n])
+        return head if n == x.shape[1] else torch.cat([head, x[:, n:]], dim=1)
+
+    handles = [_install_value_hook(adapter.module(spec.module), spec, change)]
+    if spec.name.startswith("text."):
+        handles.append(_Uncache(adapter.model))
+    return handles
+
+
+def _install_value_hook(module: nn.Module, spec: HookSpec,
+                        iv: ZeroHeads | Replace | Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if spec.kind == "pattern":
         raise ValueError(
             f"{spec.name} is an attention pattern, which is derived, not replaced; "
             "use MaskTokens to change what a layer attends to, or ZeroHeads on its .attn.z hook"
         )
-    if isinstance(iv, ZeroHeads):
+    if callable(iv) and not isinstance(iv, ZeroHeads | Replace):
+        change = iv
+    elif isinstance(iv, ZeroHeads):
         if spec.n_heads is None:
             raise ValueError(f"ZeroHeads needs a per-head hook (*.attn.z); {spec.name} is not one")
         n_heads = spec.n_heads

@@ -10,9 +10,10 @@ from probe.analyses import (
     explain,
     faithfulness,
     flow,
+    patching,
     relevancy,
     rollout,
 )
 
 __all__ = ["ablation", "attention", "attention_flow", "attribution", "ca_params", "explain", "faithfulness", "flow",
-           "relevancy", "rollout"]
+           "patching", "relevancy", "rollout"]

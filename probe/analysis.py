@@ -139,6 +139,8 @@ class Analysis(abc.ABC):
     reads_images: ClassVar[bool] = True
     #: True when `run` scores against probe-shapes object masks (user images are refused)
     needs_masks: ClassVar[bool] = False
+    #: what the masks are for, in the refusal of user images ("<name> <this>, which only probe-shapes ...")
+    needs_masks_because: ClassVar[str] = "scores maps against exact object masks"
     #: True when `check_architecture` needs the meta-built model even without `requires`
     checks_architecture: ClassVar[bool] = False
     many_models: ClassVar[bool] = False

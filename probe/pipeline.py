@@ -132,8 +132,8 @@ def plan(spec: RunSpec) -> Plan:
     else:
         names = [spec.model or registry.default_model(analysis.task or analysis.default_task)]
     if analysis.needs_masks and spec.images:
-        raise ProbeError(f"{analysis.name} scores maps against exact object masks, which only probe-shapes images "
-                         "carry: drop --images and give --shapes N")
+        raise ProbeError(f"{analysis.name} {analysis.needs_masks_because}, which only probe-shapes images carry: "
+                         "drop --images and give --shapes N")
     for name in names:
         why = analysis.check(name, registry.model_entry(name).capabilities)
         if why:

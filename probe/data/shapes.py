@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,27 @@ def render(objects: tuple[ShapeObject, ...], image_size: int) -> tuple[Image.Ima
         _draw(ImageDraw.Draw(canvas), obj, 1)
         masks[k] = np.asarray(canvas, dtype=bool)
     return im, masks
+
+
+def counterfactual(sample: ShapesSample, obj: int, attribute: str) -> ShapesSample:
+    """`sample` with object `obj`'s colour (or shape) changed to the next one in `COLOURS` (`SHAPES`)
+    order, everything else as it was: same layout, boxes and other objects, re-rendered, with its
+    masks and caption. The pair (sample, counterfactual) differs only in that object's pixels.
+
+    `attribute`: ``colour`` or ``shape``. A shape change changes that object's mask too; the
+    changed pixels are within the union of the two masks.
+    """
+    if attribute not in ("colour", "shape"):
+        raise ValueError(f"attribute {attribute!r}: use colour or shape")
+    if not 0 <= obj < len(sample.objects):
+        raise ValueError(f"object {obj} out of range: this sample has {len(sample.objects)} objects")
+    old = sample.objects[obj]
+    values = list(COLOURS) if attribute == "colour" else list(SHAPES)
+    new_value = values[(values.index(getattr(old, attribute)) + 1) % len(values)]
+    objects = tuple(replace(o, **{attribute: new_value}) if k == obj else o for k, o in enumerate(sample.objects))
+    image, masks = render(objects, sample.image.size[0])
+    return ShapesSample(image, objects, masks, caption_for(objects, sample.relations), sample.relations,
+                        sample.split, sample.index)
 
 
 def iter_split(split: str, n: int, *, seed: int = 0, image_size: int = 64) -> Iterator[ShapesSample]:

@@ -247,3 +247,35 @@ def test_refusals_name_what_exists(zoo, store_root, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "layers 0-2" in err and "caption" in err and "probe-shapes" in err
     assert not store_root.exists() or not any(store_root.iterdir())
+
+
+def _table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "patching_table.py"
+    spec = importlib.util.spec_from_file_location("patching_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_patching_table_is_generated_from_a_current_results_file():
+    """The README block is rendered from bench/results/patching.json, and that file's BLIP colour
+    row is what the analysis computes today on the bundled weights (so neither can go stale)."""
+    import json
+
+    table = _table_module()
+    data = json.loads(table.OUT.read_text())
+    assert table.readme_block(table.README.read_text()) == table.render(data), (
+        "README patching table is stale: python bench/patching_table.py --readme-only")
+    entry = next(e for e in data["entries"] if e["model"] == "blip" and e["corruption"] == "colour")
+    fresh = table.run_model("blip", "colour", data["shapes"])
+    assert fresh["sha256"] == entry["sha256"], "the zoo BLIP changed: python bench/patching_table.py"
+    assert fresh["used"] == entry["used"]
+    for name, g in entry["grids"].items():
+        got = np.array(fresh["grids"][name]["values"], dtype=float)
+        np.testing.assert_allclose(got, np.array(g["values"], dtype=float), atol=2e-3, equal_nan=True)
+    v = entry["grids"]["recovery.vision"]
+    first = dict(zip(v["cols"], v["values"][0], strict=True))
+    assert first["object"] >= 0.8 and first["others"] < 0.2  # the issue's bar, on the numbers the README shows

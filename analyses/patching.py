@@ -34,6 +34,7 @@ must equal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from probe.adapter import Captioner
 from probe.analyses.grounding import patch_coverage
-from probe.analysis import Analysis, ParamError, param
+from probe.analysis import Analysis, ParamError, param, to_params
 from probe.capture import Intervention, Patch, Replace, capture, intervene
 from probe.data import ImageSet, images_to_uint8
 from probe.data.shapes import counterfactual
@@ -475,20 +476,7 @@ class Patching(Analysis):
         return params
 
     def run(self, adapter: Captioner, inputs: ImageSet, params: PatchingParams) -> PatchingResult:
-        layers, groups = plan(adapter, params)
-        vs = variants(adapter, layers, groups, params.heads)
-        pairs = shapes_pairs(inputs, params.corruption)
-        probe_batch = adapter.preprocess([pairs[0].clean])
-        dropped = [i for i, h in head_hooks(adapter).items() if any(v.hook == h for v in vs)
-                   and _z_calls(adapter, h, probe_batch) != 1]
-        if dropped:
-            log.info("%s: per-head patching skipped for text layers %s: their per-head module runs more than once "
-                     "per forward (one call per stream), so one source cannot patch it", adapter.name, dropped)
-            vs = [v for v in vs if not (v.stack == "heads" and v.layer in dropped)]
-        sigma = None
-        if params.corruption == "noise":
-            sigma = _embedding_std(adapter, adapter.preprocess([p.clean for p in pairs])["pixel_values"])
-        return patch_pairs(adapter, pairs, vs, params, sigma=sigma)
+        return trace(adapter, shapes_pairs(inputs, params.corruption), params)
 
     def render(self, result: PatchingResult) -> dict[str, Figure]:
         return render_patching(result)
@@ -505,9 +493,38 @@ class Patching(Analysis):
         return lines
 
 
+def trace(adapter: Captioner, pairs: Sequence[Pair], params: PatchingParams | None = None,
+          **kwargs: Any) -> PatchingResult:
+    """Patching on your own pairs (`Pair`: two images of one size, the changed region, the word),
+    with the analysis's parameters as keywords (``stack="text", heads=False`` ...); pairs with
+    ``noise=True`` are corrupted by noise on the region's patch embeddings. The probe-shapes route
+    (`probe run patching`) builds its pairs with `shapes_pairs` and calls this."""
+    if not isinstance(adapter, Captioner):
+        raise ProbeError(f"patching scores a caption word: {getattr(adapter, 'name', adapter)!r} is not a captioner")
+    params = to_params(PatchingParams, {**dataclasses.asdict(params), **kwargs} if params else kwargs)
+    if not pairs:
+        raise ProbeError("patching needs at least one pair")
+    if (params.corruption == "noise") != all(p.noise for p in pairs):
+        raise ProbeError("corruption='noise' goes with pairs made with noise=True (and only with them): say which "
+                         "corruption your pairs carry (colour, shape) or build them with noise=True")
+    layers, groups = plan(adapter, params)
+    vs = variants(adapter, layers, groups, params.heads)
+    probe_batch = adapter.preprocess([pairs[0].clean])
+    dropped = [i for i, h in head_hooks(adapter).items() if any(v.hook == h for v in vs)
+               and _z_calls(adapter, h, probe_batch) != 1]
+    if dropped:
+        log.info("%s: per-head patching skipped for text layers %s: their per-head module runs more than once "
+                 "per forward (one call per stream), so one source cannot patch it", adapter.name, dropped)
+        vs = [v for v in vs if not (v.stack == "heads" and v.layer in dropped)]
+    sigma = None
+    if any(p.noise for p in pairs):
+        sigma = _embedding_std(adapter, adapter.preprocess([p.clean for p in pairs])["pixel_values"])
+    return patch_pairs(adapter, pairs, vs, params, sigma=sigma)
+
+
 def patch_pairs(adapter: Captioner, pairs: Sequence[Pair], vs: Sequence[Variant], params: PatchingParams, *,
                 sigma: float | None = None) -> PatchingResult:
-    """Trace every pair under every variant and aggregate (the Python entry point for your own pairs)."""
+    """Trace every pair under every variant of `vs` and aggregate."""
     if not pairs:
         raise ProbeError("patching needs at least one pair")
     if not vs:
@@ -555,7 +572,7 @@ def patch_pairs(adapter: Captioner, pairs: Sequence[Pair], vs: Sequence[Variant]
         rows.append({"name": p.name, "word": p.word, "nth": p.nth, "caption": s.caption, "clean": s.clean,
                      "corrupt": s.corrupt, "gap": s.clean - s.corrupt, "used": bool(u), "skipped": skipped})
     return PatchingResult(
-        arrays=arrays, model=adapter.name, corruption="noise" if pairs[0].noise else params.corruption,
+        arrays=arrays, model=adapter.name, corruption="noise" if all(p.noise for p in pairs) else params.corruption,
         image_names=[p.name for p in pairs], pairs=rows,
         variants=[{"stack": v.stack, "layer": v.layer, "group": v.group, "hook": v.hook, "head": v.head}
                   for v in vlist], grids=grids,

@@ -279,3 +279,22 @@ def test_readme_patching_table_is_generated_from_a_current_results_file():
     v = entry["grids"]["recovery.vision"]
     first = dict(zip(v["cols"], v["values"][0], strict=True))
     assert first["object"] >= 0.8 and first["others"] < 0.2  # the bar, on the numbers the README shows
+
+
+def test_trace_on_your_own_pairs_matches_the_shapes_route(zoo):
+    a = zoo["mmca"]
+    images = _shapes(2)
+    route = patching.Patching()(a, images, stack="vision", heads=False)
+    own = []
+    for i, sample in enumerate(images.samples):  # the same pairs, built by hand as a user would
+        k = i % len(sample.objects)
+        twin = counterfactual(sample, k, "colour")
+        region = sample.masks[k] | np.any(np.asarray(sample.image) != np.asarray(twin.image), -1)
+        own.append(patching.Pair(sample.image, twin.image, region, sample.objects[k].colour,
+                                 nth=[o.colour for o in sample.objects[:k]].count(sample.objects[k].colour)))
+    mine = patching.trace(a, own, stack="vision", heads=False)
+    np.testing.assert_array_equal(mine.arrays["recovery.vision"].numpy(), route.arrays["recovery.vision"].numpy())
+    with pytest.raises(ProbeError, match="not a captioner"):
+        patching.trace(registry.load_model("vit-standard", weights="demo"), own)
+    with pytest.raises(ProbeError, match="noise=True"):
+        patching.trace(a, own, corruption="noise")

@@ -320,6 +320,27 @@ def dilated_window_mask(grid: tuple[int, int], prefix: int, window: int, dilatio
     return allowed
 
 
+def dilated_window_neighbours(grid: tuple[int, int], prefix: int, window: int,
+                              dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys each patch query of `dilated_window_mask` may attend, as a band.
+
+    Returns ``(index, valid)``, both (patches, prefix + (2 * window + 1) ** 2): key positions
+    (the prefix tokens first, then the window's offsets in row-major order) and whether each is on
+    the grid. ``index`` holds 0 where not valid. Row p equals ``dilated_window_mask(...)[prefix + p]``
+    as a set: O(patches * window^2) instead of O(n^2).
+    """
+    rows, cols = grid
+    r = torch.arange(rows).repeat_interleave(cols)[:, None]
+    c = torch.arange(cols).repeat(rows)[:, None]
+    offs = torch.arange(-window, window + 1) * dilation
+    dr, dc = offs.repeat_interleave(len(offs))[None, :], offs.repeat(len(offs))[None, :]
+    rr, cc = r + dr, c + dc
+    on = (rr >= 0) & (rr < rows) & (cc >= 0) & (cc < cols)
+    local = torch.where(on, prefix + rr * cols + cc, torch.zeros_like(rr))
+    pre = torch.arange(prefix).expand(rows * cols, prefix)
+    return torch.cat([pre, local], 1), torch.cat([torch.ones_like(pre, dtype=torch.bool), on], 1)
+
+
 class HybridAttention(_Attention):
     """Ours: dilated local softmax attention mixed per head with global linear attention.
 
@@ -328,8 +349,13 @@ class HybridAttention(_Attention):
     CLS is global). Global part: linear attention with ``phi = elu + 1`` (Katharopoulos et al. 2020),
     ``D^-1 phi(Q) (phi(K)^T V)``. Output ``g_h * local + (1 - g_h) * global`` with a learned gate
     ``g_h = sigmoid(a_h)`` per head (initially 0.5). Effective matrix: the same mixture of the two
-    row-stochastic matrices, so rows sum to 1. The local part is computed with a dense (n, n) mask:
-    O(n^2) like standard attention, chosen for clarity at ViT sizes.
+    row-stochastic matrices, so rows sum to 1.
+
+    The local part is banded: each patch query gathers only its window's keys
+    (`dilated_window_neighbours`), O(n * window^2) time and memory; the prefix (CLS) queries attend
+    to every key, O(n). The dense (n, n) matrix is built only when a capture listens. A query whose
+    every window key is removed (`MaskTokens`) reads the mean of its window's values, as a softmax
+    over equal masked scores does.
     """
 
     approximate = True
@@ -339,24 +365,57 @@ class HybridAttention(_Attention):
         if cfg.grid is None:
             raise ValueError("hybrid attention needs the patch grid (AttentionConfig.grid)")
         self.gate = nn.Parameter(torch.zeros(cfg.heads))
-        allowed = dilated_window_mask(cfg.grid, cfg.prefix_tokens, cfg.hybrid_window, cfg.hybrid_dilation)
-        self.register_buffer("allowed", allowed, persistent=False)
+        index, valid = dilated_window_neighbours(cfg.grid, cfg.prefix_tokens, cfg.hybrid_window,
+                                                 cfg.hybrid_dilation)
+        self.register_buffer("band_index", index, persistent=False)
+        self.register_buffer("band_valid", valid, persistent=False)
+        self.n_tokens = cfg.prefix_tokens + cfg.grid[0] * cfg.grid[1]
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """Bool (n, n): the local branch's allowed mask (`dilated_window_mask`), for inspection."""
+        c = self.cfg
+        return dilated_window_mask(c.grid, c.prefix_tokens, c.hybrid_window, c.hybrid_dilation)
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Banded local softmax: output (b, h, n, d), and the patch rows' weights (b, h, P, K)
+        over `band_index` plus the prefix rows' (b, h, prefix, n), for the effective matrix."""
+        pre = self.cfg.prefix_tokens
+        lowest = torch.finfo(q.dtype).min
+        mask_pre = None if keep is None else keep_to_additive(keep, q.dtype)
+        s_pre = (q[:, :, :pre] @ k.transpose(-1, -2)) * self.scale
+        if mask_pre is not None:
+            s_pre = s_pre + mask_pre
+        w_pre = torch.softmax(s_pre.clamp_min(lowest), dim=-1)
+        idx = self.band_index
+        kg, vg = k[:, :, idx], v[:, :, idx]  # (b, h, P, K, d)
+        s = (q[:, :, pre:, None, :] * kg).sum(-1) * self.scale  # (b, h, P, K)
+        ok = self.band_valid[None, None] if keep is None else self.band_valid & keep[:, idx][:, None]
+        # off-grid slots get -inf (never weighted); removed keys the finite minimum, so a query
+        # whose window keys are all removed stays finite (uniform over its window)
+        s = s.masked_fill(~self.band_valid[None, None], float("-inf")).masked_fill(self.band_valid & ~ok, lowest)
+        w = torch.softmax(s, dim=-1)
+        out = torch.cat([w_pre @ v, (w[..., None] * vg).sum(-2)], dim=2)
+        return out, w, w_pre
+
+    def _dense_local(self, w: torch.Tensor, w_pre: torch.Tensor) -> torch.Tensor:
+        """(b, h, n, n) local weights from the banded ones."""
+        b, h, p, kk = w.shape
+        dense = torch.zeros(b, h, p, self.n_tokens, dtype=w.dtype, device=w.device)
+        dense.scatter_add_(-1, self.band_index.expand(b, h, p, kk), w * self.band_valid.to(w.dtype))
+        return torch.cat([w_pre, dense], dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv_heads(x)
-        if n != self.allowed.shape[0]:
-            raise ValueError(f"hybrid attention was built for {self.allowed.shape[0]} tokens, got {n}")
-        local_mask = torch.zeros(n, n, dtype=q.dtype, device=x.device)
-        local_mask.masked_fill_(~self.allowed, torch.finfo(q.dtype).min)
-        local_mask = local_mask[None, None]
+        if n != self.n_tokens:
+            raise ValueError(f"hybrid attention was built for {self.n_tokens} tokens, got {n}")
         keep = sites.key_keep(self, b, n, x.device)
         pk = F.elu(k) + 1
         if keep is not None:
-            local_mask = local_mask + keep_to_additive(keep, q.dtype)
             pk = pk * keep[:, None, :, None].to(pk.dtype)
-        local_mask = local_mask.clamp_min(torch.finfo(q.dtype).min)
-        local = F.scaled_dot_product_attention(q, k, v, attn_mask=local_mask)
+        local, w, w_pre = self._local(q, k, v, keep)
         pq = F.elu(q) + 1
         denom = pq @ pk.sum(dim=2, keepdim=True).transpose(-1, -2)
         glob = (pq @ (pk.transpose(-1, -2) @ v)) / denom.clamp_min(1e-30)
@@ -365,10 +424,7 @@ class HybridAttention(_Attention):
         if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
-                qs = select_rows(select_heads(q, heads), rows)
-                ks = select_heads(k, heads)
-                m = local_mask if rows is None else local_mask[:, :, sites.as_index(rows)]
-                pl = torch.softmax(qs @ ks.transpose(-1, -2) * self.scale + m, dim=-1)
+                pl = select_rows(select_heads(self._dense_local(w, w_pre), heads), rows)
                 a = select_rows(select_heads(pq, heads), rows) @ select_heads(pk, heads).transpose(-1, -2)
                 pg = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
                 gs = select_heads(g.expand(1, self.heads, 1, 1), heads)

@@ -17,6 +17,7 @@ from probe.models.attention import (
     PerformerAttention,
     StandardAttention,
     dilated_window_mask,
+    dilated_window_neighbours,
     iterative_pinv,
     make_attention,
 )
@@ -224,3 +225,37 @@ def test_masked_tokens_get_zero_weight_and_do_not_matter(kind):
         # weights (not the values). Their effective weight is zero, tested above.
         return
     torch.testing.assert_close(out[:, keep], out2[:, keep], atol=1e-5, rtol=1e-5)
+
+
+def _dense_hybrid_local(m, x, keep=None):
+    """The local branch as it was first written: SDPA under a dense (n, n) allowed-mask."""
+    q, k, v = m.qkv_heads(x)
+    n = x.shape[1]
+    low = torch.finfo(q.dtype).min
+    mask = torch.zeros(n, n).masked_fill_(~m.allowed, low)[None, None]
+    if keep is not None:
+        mask = (mask + torch.zeros(keep.shape).masked_fill_(~keep, low)[:, None, None, :]).clamp_min(low)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("grid,window,dilation", [((8, 8), 1, 2), ((6, 9), 2, 1), ((5, 5), 1, 3)])
+def test_hybrid_banded_local_branch_equals_the_dense_mask(grid, window, dilation):
+    torch.manual_seed(3)
+    n = 1 + grid[0] * grid[1]
+    c = AttentionConfig(dim=32, heads=4, seq_len=n, grid=grid, hybrid_window=window, hybrid_dilation=dilation)
+    m = make_attention("hybrid", c).eval()
+    x = torch.randn(2, n, 32)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[0, [3, 5, 11]] = False
+    keep[1, 0] = False  # CLS removed as a key
+    with torch.no_grad():
+        q, k, v = m.qkv_heads(x)
+        for kp in (None, keep):
+            got, w, w_pre = m._local(q, k, v, kp)
+            torch.testing.assert_close(got, _dense_hybrid_local(m, x, kp), atol=1e-6, rtol=1e-5)
+            dense = m._dense_local(w, w_pre)
+            assert (dense[:, :, :, ~m.allowed.any(0)] == 0).all()
+            assert (dense[:, :, 1:][:, :, ~m.allowed[1:]] == 0).all() if kp is None else True
+            torch.testing.assert_close(dense.sum(-1), torch.ones(dense.shape[:-1]))
+    rows, _ = dilated_window_neighbours(grid, 1, window, dilation)
+    assert rows.shape == (grid[0] * grid[1], 1 + (2 * window + 1) ** 2)

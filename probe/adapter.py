@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from probe.capture import HeadReduction, Intervention, MaskTokens, hf_attention
+from probe.capture import HeadReduction, Intervention, MaskTokens, envoys, hf_attention
 from probe.capture.cache import ActivationCache
 from probe.capture.engine import capture, standing_in
 from probe.capture.generation import capture_generation, generated_tokens
@@ -251,6 +251,14 @@ class ModelAdapter(abc.ABC):
                 "weights": self.weights.to_dict() if self.weights else None,
                 "attn_implementation": self.attn_implementation,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def nnsight(self) -> Any:
+        """An nnsight model over this model whose envoys answer to the canonical structure:
+        ``m.vision.blocks[i]``, ``m.text.blocks[i]``, their ``.attn`` / ``.xattn`` and
+        ``.attn.o_proj`` (whose ``.input`` is the ``attn.z`` hook), ``m.model.<native path>``.
+        ``with m.trace(**self.preprocess(images, captions)):`` runs `forward` on that batch.
+        See `probe.capture.envoys.canonical_model` and the README's nnsight section."""
+        return envoys.canonical_model(self)
 
     def run_with_cache(self, images: Sequence[Image.Image], hooks: str | Sequence[str] = "*",
                        **capture_kwargs: Any) -> tuple[Any, ActivationCache]:

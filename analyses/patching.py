@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -96,6 +97,10 @@ class Pair:
                              f"({self.clean.size[1]}, {self.clean.size[0]}); got {region.dtype} {region.shape}")
         if not region.any():
             raise ProbeError(f"pair {self.name}: the region is empty: it must cover the changed object")
+        if not isinstance(self.nth, int) or self.nth < 0:
+            raise ProbeError(f"pair {self.name}: nth {self.nth!r} must be a whole number >= 0 (which occurrence)")
+        if not self.word.strip(".,;:!?") or len(self.word.split()) != 1:
+            raise ProbeError(f"pair {self.name}: word {self.word!r} must be one word of the caption")
 
 
 def shapes_pairs(images: ImageSet, corruption: str) -> list[Pair]:
@@ -133,7 +138,7 @@ class Layout:
 def _word_steps(adapter: Captioner, new_ids: Sequence[int], word: str, nth: int) -> list[int] | None:
     seen = 0
     for w, steps in adapter.word_steps(new_ids):
-        if w.strip(".,;:!?").lower() == word.lower():
+        if w.strip(".,;:!?").lower() == word.strip(".,;:!?").lower():
             if seen == nth:
                 return steps or None
             seen += 1
@@ -159,12 +164,14 @@ def _layout(adapter: Captioner, region: np.ndarray, steps: list[int], n_text: in
 # ----------------------------------------------------------------------------- variants
 @dataclass(frozen=True)
 class Variant:
-    """One patched run: `hook` patched at `group`'s positions (and only `head`, if set)."""
+    """One patched run: each of `hooks` patched at `group`'s positions in its stream (and only
+    `head`, if set). Several hooks where one layer's state is split: MMCA's decoder carries a
+    visual stream (``vresid_post``) next to the text one (``resid_post``), and ``all`` is both."""
 
     stack: str
     layer: int
     group: str
-    hook: str
+    hooks: tuple[str, ...]
     head: int | None = None
 
 
@@ -191,23 +198,36 @@ def head_hooks(adapter: Captioner) -> dict[int, str]:
     return out
 
 
+def _has_visual_stream(adapter: Captioner) -> bool:
+    return any(s.name.endswith(".vresid_post") for s in adapter.hook_specs())
+
+
 def groups_of(adapter: Captioner, stack: str) -> tuple[str, ...]:
+    """Token groups of a stack: image groups in the text stack where image tokens sit in it (GIT,
+    the prefix VLM) or beside it (MMCA's visual stream)."""
     if stack == "vision":
         return VISION_GROUPS
-    return (*IMAGE_GROUPS, *TEXT_GROUPS) if adapter.capabilities.joint_attention else TEXT_GROUPS
+    if adapter.capabilities.joint_attention or _has_visual_stream(adapter):
+        return (*IMAGE_GROUPS, *TEXT_GROUPS)
+    return TEXT_GROUPS
 
 
 def _csv(spec: str, what: str) -> list[str] | None:
-    if spec.strip() in ("", "all"):
+    if spec.strip() == "all":
         return None
-    items = [x.strip() for x in spec.split(",") if x.strip()]
-    if not items:
-        raise ParamError(f"--{what} {spec!r} names nothing; give a comma-separated list or all")
+    items = [x.strip() for x in spec.split(",")]
+    if not spec.strip() or not all(items):
+        raise ParamError(f"--{what} {spec!r}: give a comma-separated list without empty items, or all")
+    if len(set(items)) != len(items):
+        raise ParamError(f"--{what} {spec!r} names an item twice")
     return items
 
 
-def plan(adapter: Captioner, params: PatchingParams) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
-    """The layers and groups to patch per stack, checked against what the family has."""
+def plan(adapter: Captioner, params: PatchingParams,
+         check_layers: bool = True) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """The layers and groups to patch per stack, checked against what the family has (layers only
+    with `check_layers`: a model built from its published config may have other depths than the
+    checkpoint that runs)."""
     stacks = ["vision", "text"] if params.stack == "both" else [params.stack]
     have = stack_layers(adapter)
     layers: dict[str, list[int]] = {}
@@ -217,7 +237,7 @@ def plan(adapter: Captioner, params: PatchingParams) -> tuple[dict[str, list[int
     for st in stacks:
         if not have[st]:
             raise ParamError(f"--stack {st}: {adapter.name} has no {st} blocks with resid_post hooks")
-        if want_layers is None:
+        if want_layers is None or not check_layers:
             layers[st] = have[st]
         else:
             try:
@@ -227,8 +247,8 @@ def plan(adapter: Captioner, params: PatchingParams) -> tuple[dict[str, list[int
             bad = [x for x in picked if x not in have[st]]
             if bad:
                 where = " and ".join(f"{s} layers {have[s][0]}-{have[s][-1]}" for s in stacks)
-                raise ParamError(f"--layers {','.join(map(str, bad))}: {adapter.name} has {where} (or give "
-                                 "--stack to patch one stack)")
+                hint = " (or give --stack to patch one stack)" if len(stacks) > 1 else ""
+                raise ParamError(f"--layers {','.join(map(str, bad))}: {adapter.name} has {where}{hint}")
             layers[st] = picked
         own = groups_of(adapter, st)
         if want_groups is None:
@@ -248,24 +268,37 @@ def plan(adapter: Captioner, params: PatchingParams) -> tuple[dict[str, list[int
     return layers, groups
 
 
+def _hooks(adapter: Captioner, stack: str, layer: int, group: str) -> tuple[str, ...]:
+    resid = f"{stack}.blocks.{layer}.resid_post"
+    if stack == "text" and _has_visual_stream(adapter):
+        vis = f"text.blocks.{layer}.vresid_post"
+        return {"all": (resid, vis), **dict.fromkeys(IMAGE_GROUPS, (vis,))}.get(group, (resid,))
+    return (resid,)
+
+
 def variants(adapter: Captioner, layers: dict[str, list[int]], groups: dict[str, list[str]],
              heads: bool) -> list[Variant]:
-    out = [Variant(st, i, g, f"{st}.blocks.{i}.resid_post") for st in layers for i in layers[st] for g in groups[st]]
+    out = [Variant(st, i, g, _hooks(adapter, st, i, g)) for st in layers for i in layers[st] for g in groups[st]]
     if heads and "text" in layers:
         hh = head_hooks(adapter)
-        n_heads = {s.name: s.n_heads for s in adapter.hook_specs()}
-        out += [Variant("heads", i, f"head {h}", hh[i], h) for i in layers["text"] if i in hh
-                for h in range(n_heads[hh[i]] or 0)]
+        specs = {s.name: s for s in adapter.hook_specs()}
+        out += [Variant("heads", i, f"head {h}", (hh[i],), h) for i in layers["text"]
+                if i in hh and specs[hh[i]].calls == 1 for h in range(specs[hh[i]].n_heads or 0)]
     return out
 
 
 # ----------------------------------------------------------------------------- running
-def _positions(v: Variant, lay: Layout, adapter: Captioner) -> list[int]:
-    if v.stack == "vision":
+def _positions(v: Variant, hook: str, lay: Layout, adapter: Captioner) -> list[int]:
+    """Positions `v` patches in `hook`'s tokens."""
+    if v.stack == "vision" or hook.endswith(".vresid_post"):  # the visual stream is indexed as the vision tokens
         return lay.vision[v.group]
     if v.stack == "text":
         return lay.text[v.group]
     return [p for p in lay.text["all"] if p >= adapter.text_offset()]  # heads: every text position
+
+
+def _live(v: Variant, lay: Layout, adapter: Captioner) -> bool:
+    return any(_positions(v, h, lay, adapter) for h in v.hooks)
 
 
 def _word_logprob(adapter: Captioner, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -283,25 +316,25 @@ def _patched(adapter: Captioner, rows: Sequence[Variant], lay: Layout, clean: di
     if loop:
         out = []
         for v in rows:
-            pos = _positions(v, lay, adapter)
-            iv = Patch(v.hook, clean[v.hook], tokens=pos, heads=None if v.head is None else [v.head])
-            with intervene(adapter, [*base, iv]):
+            ivs = [Patch(h, clean[h], tokens=_positions(v, h, lay, adapter),
+                         heads=None if v.head is None else [v.head]) for h in v.hooks]
+            with intervene(adapter, [*base, *ivs]):
                 out.append(_word_logprob(adapter, px, ids, mask, lay.steps))
         return torch.cat(out)
     b = len(rows)
     ivs: list[Intervention] = list(base)
-    for hook in dict.fromkeys(v.hook for v in rows):
+    for hook in dict.fromkeys(h for v in rows for h in v.hooks):
         n_tok = clean[hook].shape[1]
         tokens = torch.zeros(b, n_tok, dtype=torch.bool)
-        head_rows = [r for r, v in enumerate(rows) if v.hook == hook and v.head is not None]
+        head_rows = [r for r, v in enumerate(rows) if hook in v.hooks and v.head is not None]
         heads = None
         if head_rows:
             n_heads = next(s.n_heads for s in adapter.hook_specs() if s.name == hook)
             heads = torch.zeros(b, n_heads, dtype=torch.bool)
         for r, v in enumerate(rows):
-            if v.hook != hook:
+            if hook not in v.hooks:
                 continue
-            tokens[r, _positions(v, lay, adapter)] = True
+            tokens[r, _positions(v, hook, lay, adapter)] = True
             if heads is not None:
                 if v.head is None:
                     heads[r] = True
@@ -331,22 +364,6 @@ def _embedding_std(adapter: Captioner, pixel_values: torch.Tensor) -> float:
     return float(cache[NOISE_HOOK][:, 1:].float().std())
 
 
-def _z_calls(adapter: Captioner, hook: str, batch: dict[str, torch.Tensor]) -> int:
-    spec = next(s for s in adapter.hook_specs() if s.name == hook)
-    calls = [0]
-
-    def count(*_: Any) -> None:
-        calls[0] += 1
-
-    h = adapter.module(spec.module).register_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            adapter.forward(batch)
-    finally:
-        h.remove()
-    return calls[0]
-
-
 @dataclass(frozen=True)
 class PairScores:
     clean: float
@@ -374,17 +391,17 @@ def trace_pair(adapter: Captioner, pair: Pair, vs: Sequence[Variant], *, sigma: 
     if pair.noise:
         base = _noise(adapter, clean_px, lay, sigma if sigma is not None else _embedding_std(adapter, clean_px),
                       noise_scale, seed)
-    hooks = sorted({v.hook for v in vs})
+    hooks = sorted({h for v in vs for h in v.hooks})
     with torch.no_grad(), capture(adapter, hooks) as cache:
         clean = float(_word_logprob(adapter, clean_px, ids, mask, steps))
     sources = {h: cache[h] for h in hooks}
     with torch.no_grad(), intervene(adapter, base):
         corrupt = float(_word_logprob(adapter, corrupt_px, ids, mask, steps))
-    live = [v for v in vs if _positions(v, lay, adapter)]  # e.g. no `word` positions for a one-token word
+    live = [v for v in vs if _live(v, lay, adapter)]  # e.g. no `word` positions for a one-token word
     patched = [_patched(adapter, live[k : k + batch_size], lay, sources, corrupt_px, ids, mask, base, loop)
                for k in range(0, len(live), batch_size)]
     values = iter(torch.cat(patched).float().cpu().tolist() if patched else [])
-    out = np.array([next(values) if _positions(v, lay, adapter) else np.nan for v in vs])
+    out = np.array([next(values) if _live(v, lay, adapter) else np.nan for v in vs])
     return PairScores(clean, corrupt, out, caps["text"][0])
 
 
@@ -396,7 +413,8 @@ class PatchingParams:
     stack: str = param("both", "which stacks to patch", choices=("vision", "text", "both"))
     layers: str = param("all", "layers to patch, e.g. 0,2 (all: every layer of each patched stack)")
     groups: str = param("all", "token groups to patch: object, others, cls, prefix, last, word, all")
-    heads: bool = param(True, "patch each head of the text stack's (cross-)attention output alone")
+    heads: bool = param(True, "also patch each head of the text stack's (cross-)attention output alone, at every "
+                        "text position (--no-heads: skip)")
     noise_scale: float = param(3.0, "noise corruption: standard deviations of the patch embeddings", min=0.0)
     min_gap: float = param(0.5, "pairs whose clean - corrupt log-prob gap is below this many nats are not "
                            "averaged (their recovery ratio is noise)", min=0.0)
@@ -466,7 +484,7 @@ class Patching(Analysis):
         if why:
             return why
         try:
-            plan(adapter, params)
+            plan(adapter, params, check_layers=False)  # the checkpoint that runs may be deeper: layers after loading
         except ParamError as e:
             return str(e)
         return None
@@ -484,8 +502,12 @@ class Patching(Analysis):
     def summary_lines(self, result: PatchingResult) -> list[str]:
         used = sum(p["used"] for p in result.pairs)
         lines = [f"{result.model}, {result.corruption} corruption: {used} of {len(result.pairs)} pairs used"]
+        why = Counter(p["skipped"] for p in result.pairs if not p["used"])
+        lines += [f"  {n} not used: {reason}" for reason, n in why.most_common(3)]
         for name, g in result.grids.items():
-            arr = result.arrays[name].numpy()
+            arr = result.arrays[name].numpy().copy()
+            if "all" in g["cols"]:  # every position is the trivial best; say which part is
+                arr[:, g["cols"].index("all")] = np.nan
             if not np.isfinite(arr).any():
                 continue
             r, c = np.unravel_index(np.nanargmax(arr), arr.shape)
@@ -509,13 +531,11 @@ def trace(adapter: Captioner, pairs: Sequence[Pair], params: PatchingParams | No
                          "corruption your pairs carry (colour, shape) or build them with noise=True")
     layers, groups = plan(adapter, params)
     vs = variants(adapter, layers, groups, params.heads)
-    probe_batch = adapter.preprocess([pairs[0].clean])
-    dropped = [i for i, h in head_hooks(adapter).items() if any(v.hook == h for v in vs)
-               and _z_calls(adapter, h, probe_batch) != 1]
-    if dropped:
-        log.info("%s: per-head patching skipped for text layers %s: their per-head module runs more than once "
-                 "per forward (one call per stream), so one source cannot patch it", adapter.name, dropped)
-        vs = [v for v in vs if not (v.stack == "heads" and v.layer in dropped)]
+    specs = {s.name: s for s in adapter.hook_specs()}
+    repeated = [h for i, h in head_hooks(adapter).items() if i in layers.get("text", []) and specs[h].calls != 1]
+    if params.heads and repeated:
+        log.info("%s: no per-head patching of %s: that module runs %d times per forward (one call per stream), so "
+                 "one source cannot patch it", adapter.name, ", ".join(repeated), specs[repeated[0]].calls)
     sigma = None
     if any(p.noise for p in pairs):
         sigma = _embedding_std(adapter, adapter.preprocess([p.clean for p in pairs])["pixel_values"])
@@ -541,6 +561,13 @@ def patch_pairs(adapter: Captioner, pairs: Sequence[Pair], vs: Sequence[Variant]
     patched = np.stack([s.patched for s in scores])
     rec = recovery(patched, clean, corrupt)
     used = np.isfinite(clean) & (clean - corrupt >= params.min_gap)
+    if not used.any():
+        reasons = sorted({s.skipped or f"clean - corrupt gap {s.clean - s.corrupt:.3f} < --min-gap {params.min_gap}"
+                          for s in scores})
+        raise ProbeError(f"no pair could be scored ({len(pairs)} tried): {'; '.join(reasons)[:400]}")
+    if not np.isfinite(patched[used]).any():
+        raise ProbeError("nothing was patched: the chosen groups hold no position in any pair (e.g. 'word' is empty "
+                         "for one-token words); choose other --groups")
     finite = np.isfinite(rec[used])
     with np.errstate(invalid="ignore"):  # a variant with no positions in any pair stays NaN
         mean = np.where(finite, rec[used], 0).sum(0) / finite.sum(0)
@@ -574,7 +601,7 @@ def patch_pairs(adapter: Captioner, pairs: Sequence[Pair], vs: Sequence[Variant]
     return PatchingResult(
         arrays=arrays, model=adapter.name, corruption="noise" if all(p.noise for p in pairs) else params.corruption,
         image_names=[p.name for p in pairs], pairs=rows,
-        variants=[{"stack": v.stack, "layer": v.layer, "group": v.group, "hook": v.hook, "head": v.head}
+        variants=[{"stack": v.stack, "layer": v.layer, "group": v.group, "hooks": list(v.hooks), "head": v.head}
                   for v in vlist], grids=grids,
     )
 

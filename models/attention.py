@@ -353,9 +353,9 @@ class HybridAttention(_Attention):
 
     The local part is banded: each patch query gathers only its window's keys
     (`dilated_window_neighbours`), O(n * window^2) time and memory; the prefix (CLS) queries attend
-    to every key, O(n). The dense (n, n) matrix is built only when a capture listens. A query whose
-    every window key is removed (`MaskTokens`) reads the mean of its window's values, as a softmax
-    over equal masked scores does.
+    to every key, O(n). The dense rows of the effective matrix are built only when a capture listens,
+    and only the rows it asks for. A query whose every window key is removed (`MaskTokens`) reads
+    nothing from the local branch (zero weights, as `PatternSource.zero_dead_rows` does for softmax).
     """
 
     approximate = True
@@ -388,6 +388,8 @@ class HybridAttention(_Attention):
         if mask_pre is not None:
             s_pre = s_pre + mask_pre
         w_pre = torch.softmax(s_pre.clamp_min(lowest), dim=-1)
+        if keep is not None:  # no key left: read nothing
+            w_pre = w_pre * keep.any(-1).to(w_pre.dtype)[:, None, None, None]
         idx = self.band_index
         kg, vg = k[:, :, idx], v[:, :, idx]  # (b, h, P, K, d)
         s = (q[:, :, pre:, None, :] * kg).sum(-1) * self.scale  # (b, h, P, K)
@@ -396,15 +398,27 @@ class HybridAttention(_Attention):
         # whose window keys are all removed stays finite (uniform over its window)
         s = s.masked_fill(~self.band_valid[None, None], float("-inf")).masked_fill(self.band_valid & ~ok, lowest)
         w = torch.softmax(s, dim=-1)
+        if keep is not None:
+            w = w * ok.any(-1, keepdim=True).to(w.dtype)
         out = torch.cat([w_pre @ v, (w[..., None] * vg).sum(-2)], dim=2)
         return out, w, w_pre
 
-    def _dense_local(self, w: torch.Tensor, w_pre: torch.Tensor) -> torch.Tensor:
-        """(b, h, n, n) local weights from the banded ones."""
-        b, h, p, kk = w.shape
-        dense = torch.zeros(b, h, p, self.n_tokens, dtype=w.dtype, device=w.device)
-        dense.scatter_add_(-1, self.band_index.expand(b, h, p, kk), w * self.band_valid.to(w.dtype))
-        return torch.cat([w_pre, dense], dim=2)
+    def _dense_local(self, w: torch.Tensor, w_pre: torch.Tensor, rows: Index = None) -> torch.Tensor:
+        """(b, h, rows, n) local weights of the query rows `rows` (None: all) from the banded ones."""
+        pre, n = self.cfg.prefix_tokens, self.n_tokens
+        ids = torch.arange(n, device=w.device)
+        if rows is not None:
+            ids = ids[sites.as_index(rows)].reshape(-1)
+        b, h = w.shape[:2]
+        out = torch.zeros(b, h, len(ids), n, dtype=w.dtype, device=w.device)
+        is_pre = ids < pre
+        out[:, :, is_pre] = w_pre[:, :, ids[is_pre]]
+        p = ids[~is_pre] - pre
+        if len(p):
+            band = self.band_index[p].expand(b, h, -1, -1)
+            vals = w[:, :, p] * self.band_valid[p].to(w.dtype)
+            out[:, :, ~is_pre] = torch.zeros(b, h, len(p), n, dtype=w.dtype, device=w.device).scatter_add(-1, band, vals)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -424,7 +438,7 @@ class HybridAttention(_Attention):
         if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
-                pl = select_rows(select_heads(self._dense_local(w, w_pre), heads), rows)
+                pl = select_heads(self._dense_local(w, w_pre, rows), heads)
                 a = select_rows(select_heads(pq, heads), rows) @ select_heads(pk, heads).transpose(-1, -2)
                 pg = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
                 gs = select_heads(g.expand(1, self.heads, 1, 1), heads)

@@ -188,10 +188,12 @@ class MMCAAdapter(CharCaptioner):
                          shape="(batch, heads, text, image): text->image softmax"),
                     Hook("vattn.pattern", "attn.vision_site", "pattern", n_heads=h,
                          shape="(batch, heads, image, image): the visual stream's softmax"),
-                    Hook("attn.z", "attn.out_proj", "input", n_heads=h,
-                         shape="(batch, tokens, heads * head_dim), both streams"),
+                    Hook("attn.z", "attn.out_proj", "input", n_heads=h, calls=2,
+                         shape="(batch, tokens, heads * head_dim): called twice, the visual stream then the text"),
                     Hook("resid_post", "", "output", output_index=1,
                          shape="(batch, text, dim): the text stream (the block returns (visual, text))"),
+                    Hook("vresid_post", "", "output", output_index=0,
+                         shape="(batch, image, dim): the visual stream"),
                 ))]
 
     def single_hooks(self) -> list[HookSpec]:

@@ -58,6 +58,8 @@ VOCABULARY: tuple[HookName, ...] = (
     HookName("text.blocks.{i}.vattn.pattern", "(batch, heads, image, image)",
              "image->image attention of a decoder layer that carries its own visual stream (MMCA)"),
     HookName("text.blocks.{i}.resid_post", "(batch, text, dim)", "the block's output"),
+    HookName("text.blocks.{i}.vresid_post", "(batch, image, dim)",
+             "the visual stream's output of a decoder layer that carries its own (MMCA)"),
 )
 
 _TEMPLATE_RES = [(h, re.compile("^" + re.escape(h.template).replace(r"\{i\}", r"\d+") + "$")) for h in VOCABULARY]
@@ -96,6 +98,9 @@ class HookSpec:
         mask_base: the argument that holds the mask the model passed (default: `mask_arg`). BLIP's
             cross-attention receives its mask as ``attention_mask`` but reads
             ``encoder_attention_mask``, which transformers 5.23 leaves None.
+        calls: how many times the module runs per forward (MMCA's ``attn.out_proj`` serves the
+            visual stream, then the text stream: 2). A `Patch` needs one call to know which
+            activation its source is.
     """
 
     name: str
@@ -107,6 +112,7 @@ class HookSpec:
     output_index: int | None = None
     mask_arg: str | None = None
     mask_base: str | None = None
+    calls: int = 1
 
     def __post_init__(self) -> None:
         if not self.shape:
@@ -299,4 +305,5 @@ VISION_OUTPUT = "vision.output"
 TEXT_PATTERN = "text.blocks.{i}.attn.pattern"
 TEXT_XATTN_PATTERN = "text.blocks.{i}.xattn.pattern"
 TEXT_VATTN_PATTERN = "text.blocks.{i}.vattn.pattern"
+TEXT_VRESID_POST = "text.blocks.{i}.vresid_post"
 FUSION_PROJ = "fusion.proj"

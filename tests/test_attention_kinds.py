@@ -259,3 +259,30 @@ def test_hybrid_banded_local_branch_equals_the_dense_mask(grid, window, dilation
             torch.testing.assert_close(dense.sum(-1), torch.ones(dense.shape[:-1]))
     rows, _ = dilated_window_neighbours(grid, 1, window, dilation)
     assert rows.shape == (grid[0] * grid[1], 1 + (2 * window + 1) ** 2)
+
+
+def test_hybrid_query_left_without_keys_reads_nothing_and_row_selection_is_exact():
+    torch.manual_seed(4)
+    grid = (6, 6)
+    n = 1 + 36
+    c = AttentionConfig(dim=32, heads=4, seq_len=n, grid=grid, hybrid_window=1, hybrid_dilation=2)
+    m = make_attention("hybrid", c).eval()
+    x = torch.randn(1, n, 32)
+    q, k, v = m.qkv_heads(x)
+    centre = 1 + 2 * 6 + 2  # patch (2, 2): its window is CLS and the patches at even offsets
+    removed = m.allowed[centre].clone()
+    with torch.no_grad():
+        out, w, w_pre = m._local(q, k, v, ~removed[None])
+        dense = m._dense_local(w, w_pre)
+        assert (out[:, :, centre] == 0).all() and (dense[:, :, centre] == 0).all()
+        assert (dense[..., removed] == 0).all()  # removed keys get zero weight in every row
+        alive = dense.sum(-1)  # CLS and patch (0, 1) keep keys; patch (0, 0)'s window is inside the centre's
+        assert torch.allclose(alive[:, :, [0, 2]], torch.ones(1, 4, 2)) and (alive[:, :, 1] == 0).all()
+        rows = [0, centre, 5, n - 1]
+        assert torch.equal(m._dense_local(w, w_pre, rows), dense[:, :, rows])
+        assert torch.equal(m._dense_local(w, w_pre, slice(3, 9)), dense[:, :, 3:9])
+    with torch.no_grad(), intervene(ModuleHooks(m, 4), [MaskTokens(removed[None])]), \
+            capture(ModuleHooks(m, 4), "*.pattern", rows=[centre]) as cache:
+        m(x)
+    p = cache["vision.blocks.0.attn.pattern"]
+    assert p.shape == (1, 4, 1, n) and (p[..., removed] == 0).all()

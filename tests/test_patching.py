@@ -298,3 +298,84 @@ def test_trace_on_your_own_pairs_matches_the_shapes_route(zoo):
         patching.trace(registry.load_model("vit-standard", weights="demo"), own)
     with pytest.raises(ProbeError, match="noise=True"):
         patching.trace(a, own, corruption="noise")
+
+
+# ----------------------------------------------------------------------------- review findings
+@pytest.mark.parametrize("name", ["blip", "vit-gpt2", "git", "prefix-vlm", "mmca"])
+def test_patching_the_vision_output_model_output_gives_the_clean_run(name, zoo, pair_inputs):
+    """`vision.output` is a transformers ModelOutput in four families: the patched field is
+    replaced inside it, the forward still runs, and everything patched is the clean run."""
+    a = zoo[name]
+    px, ids, mask = _run(a, *pair_inputs)
+    with torch.no_grad(), capture(a, "vision.output") as cache:
+        clean = a.token_logprobs(px[:1], ids, mask)
+    with torch.no_grad(), intervene(a, [Patch("vision.output", cache["vision.output"])]):
+        assert torch.equal(a.token_logprobs(px[1:], ids, mask), clean)
+
+
+def test_a_patch_on_a_hook_that_runs_twice_per_forward_is_refused(zoo):
+    a = zoo["mmca"]
+    with pytest.raises(ValueError, match="runs 2 times per forward"), \
+            intervene(a, [Patch("text.blocks.0.attn.z", torch.zeros(1, 4, 96))]):
+        pass
+
+
+def test_uncached_belongs_to_the_thread_that_holds_the_patch(zoo, pair_inputs):
+    import threading
+
+    a = zoo["blip"]
+    px, ids, _ = _run(a, *pair_inputs)
+    with torch.no_grad(), capture(a, "text.blocks.0.resid_post") as cache:
+        a.forward({"pixel_values": px[:1], "input_ids": ids})
+    seen = []
+    with intervene(a, [Patch("text.blocks.0.resid_post", cache["text.blocks.0.resid_post"], tokens=[1])]):
+        t = threading.Thread(target=lambda: seen.append(uncached(a.model)))
+        t.start()
+        t.join()
+        assert uncached(a.model)
+    assert seen == [False]
+
+
+def test_mmca_text_all_is_the_whole_decoder_state(zoo):
+    """MMCA's decoder layers carry a visual stream beside the text: `all` patches both, so every
+    layer's `all` is the clean run, and the image groups of the text stack patch that stream."""
+    res = patching.Patching()(zoo["mmca"], _shapes(2), stack="text", heads=False)
+    g = res.grids["recovery.text"]
+    arr = res.arrays["recovery.text"].numpy()
+    assert g["cols"] == ["object", "others", "cls", "prefix", "last", "word", "all"]
+    assert np.all(arr[:, g["cols"].index("all")] == 1.0)
+    assert all("text.blocks.0.vresid_post" in v["hooks"] for v in res.variants if v["group"] in ("object", "all")
+               and v["layer"] == 0)
+
+
+def test_the_cli_checks_layers_against_the_checkpoint_that_runs(store_root, capsys):
+    # the zoo MMCA has 3 text layers where the default config has 2: layer 2 exists
+    assert main(["run", "patching", "--model", "mmca", "--shapes", "1", "--stack", "text", "--layers", "2",
+                 "--no-heads"]) == 0
+    assert main(["run", "patching", "--model", "blip", "--shapes", "1", "--stack", "vision", "--layers", "5"]) != 0
+    err = capsys.readouterr().err
+    assert "blip has vision layers 0-2" in err and "--stack" not in err.split("blip has")[1]
+
+
+def test_runs_that_can_score_or_patch_nothing_are_refused(zoo):
+    run = patching.Patching()
+    with pytest.raises(ProbeError, match="no pair could be scored.*does not name"):
+        run(zoo["blip"], _shapes(1), max_new_tokens=1)
+    with pytest.raises(ProbeError, match="nothing was patched"):
+        run(zoo["blip"], _shapes(1), stack="text", groups="word", heads=False)
+    with pytest.raises(ParamError, match="twice"):
+        run(zoo["blip"], _shapes(1), layers="1,1")
+
+
+def test_generation_capture_keeps_the_newest_position_of_text_outputs(zoo, pair_inputs):
+    for name in ("git", "blip", "mmca"):
+        a = zoo[name]
+        caps, cache = a.generate_with_cache([pair_inputs[0].image], "text.blocks.0.resid_post", max_new_tokens=4)
+        calls = cache.calls("text.blocks.0.resid_post")
+        assert len(calls) == 4 and all(c.shape[:2] == (1, 1) for c in calls), name
+        # call k is the state at the position that predicted token k: equal to teacher forcing's
+        ids = torch.cat([torch.tensor([[a.specials.start]]), caps["ids"][:, :3]], 1)
+        with torch.no_grad(), capture(a, "text.blocks.0.resid_post") as tf:
+            a.forward({"pixel_values": a.preprocess([pair_inputs[0].image])["pixel_values"], "input_ids": ids})
+        full = tf["text.blocks.0.resid_post"][:, a.text_offset():]
+        torch.testing.assert_close(torch.cat(calls, 1), full, atol=1e-5, rtol=1e-4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -63,6 +63,11 @@ class ActivationCache:
             lengths = torch.tensor(self.step_lengths).view(-1, *[1] * (out.dim() - 1))
             out = out * (done < lengths).to(out.dtype)
         return out
+
+    def map_calls(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every call of `name` by ``fn(call)`` (e.g. keep the newest position)."""
+        if name in self._data:
+            self._data[name] = [fn(t) for t in self._data[name]]
 
     def detach_(self) -> None:
         """Detach every stored tensor in place (what a gradient capture does on exit, so that no

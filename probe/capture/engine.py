@@ -10,6 +10,7 @@ be captured and intervened on from several threads at once.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -252,46 +254,54 @@ class Patch:
 
 Intervention = ZeroHeads | Replace | MaskTokens | Precomputed | Patch
 
-# models under a position-indexed intervention on a text hook: generation must not use a KV cache
-_UNCACHED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+# per model and thread: position-indexed interventions on a text hook (generation must not use a KV cache)
+_UNCACHED: weakref.WeakKeyDictionary[nn.Module, dict[int, int]] = weakref.WeakKeyDictionary()
 
 
 def uncached(model: nn.Module) -> bool:
-    """Whether an active intervention needs `model` to generate without its key/value cache (see `Patch`)."""
+    """Whether an intervention the calling thread holds needs `model` to generate without its
+    key/value cache (see `Patch`); other threads' generations keep their cache."""
     with sites.LOCK:
-        return _UNCACHED.get(model, 0) > 0
+        return _UNCACHED.get(model, {}).get(threading.get_ident(), 0) > 0
 
 
 class _Uncache:
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model, self.owner = model, threading.get_ident()
         with sites.LOCK:
-            _UNCACHED[model] = _UNCACHED.get(model, 0) + 1
+            mine = _UNCACHED.setdefault(model, {})
+            mine[self.owner] = mine.get(self.owner, 0) + 1
 
     def remove(self) -> None:
         with sites.LOCK:
-            _UNCACHED[self.model] -= 1
+            mine = _UNCACHED[self.model]
+            mine[self.owner] -= 1
+            if not mine[self.owner]:
+                del mine[self.owner]
 
 
 def _whole(indices: Sequence[Any], what: str) -> None:
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+    if any(isinstance(i, bool | np.bool_) or not isinstance(i, numbers.Integral) for i in indices):
         raise ValueError(f"{what} must be whole numbers (or give a bool mask tensor); got {list(indices)!r:.80}")
 
 
-def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
+def _head_keep(heads: Sequence[int] | torch.Tensor, batch: int, n_heads: int, ref: torch.Tensor,
+               what: str = "ZeroHeads", verb: str = "zeroed") -> torch.Tensor:
     if isinstance(heads, torch.Tensor):
         if heads.dtype != torch.bool:
-            raise ValueError(f"ZeroHeads mask must be a bool tensor (True = zeroed); got {heads.dtype}")
-        if heads.shape != (batch, n_heads):
-            raise ValueError(f"ZeroHeads mask must be (batch={batch}, heads={n_heads}); got {tuple(heads.shape)}")
-        zero = heads.to(device=ref.device, dtype=torch.bool)
+            raise ValueError(f"{what} heads mask must be a bool tensor (True = {verb}); got {heads.dtype}")
+        if heads.dim() == 1:
+            heads = heads[None]
+        if heads.dim() != 2 or heads.shape[0] not in (1, batch) or heads.shape[1] != n_heads:
+            raise ValueError(f"{what} heads mask must be (batch={batch} or 1, heads={n_heads}); got {tuple(heads.shape)}")
+        zero = heads.to(device=ref.device, dtype=torch.bool).expand(batch, n_heads)
     else:
-        _whole(heads, "ZeroHeads heads")
+        _whole(heads, f"{what} heads")
         bad = [h for h in heads if not 0 <= h < n_heads]
         if bad:
             raise ValueError(f"heads {bad} out of range: this layer has {n_heads} heads")
         zero = torch.zeros(batch, n_heads, dtype=torch.bool, device=ref.device)
-        zero[:, list(heads)] = True
+        zero[:, [int(h) for h in heads]] = True
     return (~zero).to(ref.dtype)
 
 
@@ -377,20 +387,21 @@ def _patch_mask(iv: Patch, spec: HookSpec, batch: int, n: int, features: int, de
     if iv.tokens is None:
         rows = torch.ones(batch, n, dtype=torch.bool, device=device)
     elif isinstance(iv.tokens, torch.Tensor):
-        if iv.tokens.dtype != torch.bool or iv.tokens.dim() != 2 or iv.tokens.shape[0] not in (1, batch):
-            raise ValueError(f"Patch {spec.name}: tokens must be a bool tensor (batch={batch}, tokens), True = "
+        tokens = iv.tokens[None] if iv.tokens.dim() == 1 else iv.tokens
+        if tokens.dtype != torch.bool or tokens.dim() != 2 or tokens.shape[0] not in (1, batch):
+            raise ValueError(f"Patch {spec.name}: tokens must be a bool tensor (batch={batch} or 1, tokens), True = "
                              f"patched; got {iv.tokens.dtype} {tuple(iv.tokens.shape)}")
-        rows = torch.zeros(iv.tokens.shape[0], n, dtype=torch.bool, device=device)
-        m = min(n, iv.tokens.shape[1])
-        rows[:, :m] = iv.tokens[:, :m].to(device)
+        rows = torch.zeros(tokens.shape[0], n, dtype=torch.bool, device=device)
+        m = min(n, tokens.shape[1])
+        rows[:, :m] = tokens[:, :m].to(device)
         rows = rows.expand(batch, n)
     else:
         rows = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        rows[:, [t for t in iv.tokens if t < n]] = True
+        rows[:, [int(t) for t in iv.tokens if t < n]] = True
     if iv.heads is None:
         return rows[..., None].expand(batch, n, features)
     n_heads = spec.n_heads or 1
-    heads = ~_head_keep(iv.heads, batch, n_heads, rows.float()).bool()  # True = patched
+    heads = ~_head_keep(iv.heads, batch, n_heads, rows.float(), "Patch", "patched").bool()  # True = patched
     per = heads[:, None, :, None].expand(batch, n, n_heads, features // n_heads)
     return (rows[:, :, None, None] & per).reshape(batch, n, features)
 
@@ -401,6 +412,9 @@ def _install_patch(adapter: HasHooks, all_specs: list[HookSpec], iv: Patch) -> l
         raise ValueError(f"Patch names one hook (its source is that hook's activation); {iv.hook!r} matches "
                          f"{len(specs)}: {', '.join(s.name for s in specs[:6]) or 'none'}")
     (spec,) = specs
+    if spec.calls != 1:
+        raise ValueError(f"Patch {spec.name}: its module runs {spec.calls} times per forward ({spec.shape}), so one "
+                         "source cannot say which call it is; patch a hook that runs once (e.g. the block's resid_post)")
     src = iv.source
     if not isinstance(src, torch.Tensor) or src.dim() != 3:
         raise ValueError(f"Patch {spec.name}: source must be a (batch or 1, tokens, features) tensor, the clean "
@@ -467,8 +481,13 @@ def _install_value_hook(module: nn.Module, spec: HookSpec,
             return None
         if isinstance(out, torch.Tensor):
             return change(out)
+        if hasattr(out, "last_hidden_state") and hasattr(out, "keys"):  # a transformers ModelOutput
+            fields = {k: out[k] for k in out.keys()}
+            fields["last_hidden_state"] = change(out.last_hidden_state)
+            return type(out)(**fields)
         idx = spec.output_index or 0
-        return (*out[:idx], change(out[idx]), *out[idx + 1 :])
+        new = (*out[:idx], change(out[idx]), *out[idx + 1 :])
+        return list(new) if isinstance(out, list) else new
 
     return module.register_forward_hook(post)
 

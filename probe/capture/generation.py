@@ -2,8 +2,10 @@
 
 Generation runs one forward per new token (with a KV cache, or re-running the prefix: either way
 the newest query row is the last one). Vision hooks are captured whole (they fire once per image);
-text pattern hooks keep only the newest query row of every forward, so call ``k`` of a text pattern
-is the row (b, heads, 1, keys_k) that predicted generated token ``k``.
+text hooks keep only the newest position of every forward, so call ``k`` of a text pattern is the
+row (b, heads, 1, keys_k) and call ``k`` of a text output or input hook (``resid_post``, ``z``) the
+state (b, 1, dim) that predicted generated token ``k``, whether the model caches keys and values
+(one new position per call) or re-runs the prefix (GIT's first call: image and start positions).
 `ActivationCache.stack_calls` assembles them into (b, heads, steps, keys).
 """
 
@@ -41,12 +43,16 @@ def capture_generation(
     cache = ActivationCache()
     cache.stepwise = set(text)
     kw: dict[str, Any] = {"heads": heads, "reduce": reduce, "dtype": dtype, "device": device, "cache": cache}
+    by_name = {s.name: s for s in specs}
+    positions = [n for n in text if by_name[n].kind != "pattern"]
     with ExitStack() as stack:
         if other:
             stack.enter_context(capture(adapter, other, **kw))
         if text:
             stack.enter_context(capture(adapter, text, rows=slice(-1, None), **kw))  # a view, no copy
         yield cache
+    for name in positions:  # (b, positions, dim) per call -> its newest position (b, 1, dim)
+        cache.map_calls(name, lambda t: t[:, -1:].clone())
     cache.selection = {"heads": heads, "rows": "text patterns: the newest query row of each generation step",
                        "reduce_heads": reduce}
 

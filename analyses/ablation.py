@@ -50,7 +50,7 @@ from probe.capture import (
     record_outputs,
     select_batch,
 )
-from probe.data import ImageSet
+from probe.data import ImageSet, images_to_uint8
 from probe.data.metrics import caption_metrics, named_objects
 from probe.registry import register_analysis
 from probe.runs.results import AblationResult
@@ -295,7 +295,10 @@ class Ablation(Analysis):
     def run(self, adapter: Any, inputs: ImageSet, params: Params) -> AblationResult:
         """`AblationResult`; arrays ``ablation.logprob`` (variants, images) mean log-prob per token of
         the reference caption, ``ablation.drop`` = logprob[none] - logprob, ``ablation.heads``
-        (layers, heads) image-mean drop of each head (NaN without a head sweep). With probe-shapes
+        (layers, heads) image-mean drop of each head (NaN without a head sweep), ``ablation.removed``
+        (variants, images, image tokens) bool, the tokens each variant removed from every layer's reads
+        ([CLS, patches]; all False for layer and head variants), ``input.image`` (images, H, W, 3)
+        uint8 at the model's resolution. With probe-shapes
         inputs (masks and samples) it adds the ``object:j`` variants and the caption accuracy."""
         n = len(inputs)
         objects, truth = inputs.masks, inputs.samples
@@ -320,8 +323,14 @@ class Ablation(Analysis):
                 heads[layers.index(v.head[0]), v.head[1]] = drop[j].mean()
         accuracy = ({v.name: caption_metrics(texts[j], truth) for j, v in enumerate(variants)}
                     if truth is not None and gen else None)
+        removed = torch.zeros(len(variants), n, adapter.n_image_tokens, dtype=torch.bool)
+        for j, v in enumerate(variants):
+            if v.removed is not None:
+                removed[j] = v.removed.to(torch.bool).cpu()
+        size = (adapter.image_size, adapter.image_size)
         return AblationResult(
-            arrays={"ablation.logprob": logprob, "ablation.drop": drop, "ablation.heads": heads},
+            arrays={"ablation.logprob": logprob, "ablation.drop": drop, "ablation.heads": heads,
+                    "ablation.removed": removed, "input.image": images_to_uint8(inputs.images, size)},
             model=adapter.name, image_names=inputs.names, variants=[v.describe() for v in variants],
             reference=ref["text"], reference_tokens=ref["tokens"], captions=texts, changed=changed,
             accuracy=accuracy, object_words=_object_words(variants, texts, truth) if truth is not None and gen else None,

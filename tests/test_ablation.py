@@ -185,3 +185,24 @@ def test_on_the_zoo_captioner_blind_falls_to_the_prior_and_objects_matter(name):
     lost = r.object_words
     assert lost["object:0"] > lost["object-random:0"] + 0.2, lost
     assert names[0] == "none"
+
+
+def test_result_stores_which_tokens_each_variant_removed(adapters, samples):
+    """`ablation.removed` is what the app draws: each object variant removes exactly the patches
+    under that object's mask (CLS kept), counts agree with the variants, layer variants remove none."""
+    a = adapters["blip"]
+    r = ABLATION(a, shapes_set(samples), kind="all", generate=False)
+    removed = r.arrays["ablation.removed"]
+    assert removed.shape == (len(r.variants), len(samples), a.n_image_tokens)
+    for j, v in enumerate(r.variants):
+        if v["removed_tokens"] is None:
+            assert not removed[j].any()
+        else:
+            assert removed[j].sum(1).tolist() == v["removed_tokens"]
+        if v["name"].startswith("object:"):
+            k = int(v["name"].split(":")[1])
+            for i, s in enumerate(samples):
+                want = ablation.patches_under(s.masks[k], a.grid) if k < len(s.masks) else np.zeros(64, bool)
+                assert removed[j, i, 0].item() is False
+                assert removed[j, i, 1:].numpy().tolist() == want.tolist()
+    assert r.arrays["input.image"].shape == (len(samples), a.image_size, a.image_size, 3)

@@ -195,6 +195,9 @@ class AblationResult(Result):
         ``ablation.logprob``: (variants, images) mean log-prob per token of the reference caption.
         ``ablation.drop``: (variants, images) logprob of ``none`` minus logprob.
         ``ablation.heads``: (layers, heads) image-mean drop per head (NaN where not run).
+        ``ablation.removed``: (variants, images, image tokens) bool, the [CLS, patches] tokens each
+        variant removed (all False for layer and head variants); ``input.image``: (images, H, W, 3)
+        uint8 (runs saved before these existed lack both).
     """
 
     kind: ClassVar[str] = "ablation"

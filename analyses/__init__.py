@@ -10,10 +10,13 @@ from probe.analyses import (
     explain,
     faithfulness,
     flow,
+    logit_lens,
     patching,
+    probes,
     relevancy,
+    representations,
     rollout,
 )
 
 __all__ = ["ablation", "attention", "attention_flow", "attribution", "ca_params", "explain", "faithfulness", "flow",
-           "patching", "relevancy", "rollout"]
+           "logit_lens", "patching", "probes", "relevancy", "representations", "rollout"]

@@ -71,6 +71,10 @@ class BlipAdapter(HFCaptioner):
     def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """BERT layers are post-norm: the prediction head (transform, then decoder) reads the state as is."""
+        return self.model.text_decoder.cls(resid)
+
     def blocks(self) -> list[Block]:
         v, t = self.model.config.vision_config, self.model.config.text_config
         hv, ht = v.num_attention_heads, t.num_attention_heads

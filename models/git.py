@@ -77,6 +77,10 @@ class GitAdapter(HFCaptioner):
         out = self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits
         return out[:, self.n_image_tokens :]
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """GIT's BERT layers are post-norm: its ``output`` projection reads the state as is."""
+        return self.model.output(resid)
+
     def _generate_kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
         sp = self.specials
         ids = torch.full((pixel_values.shape[0], 1), sp.start, dtype=torch.long, device=pixel_values.device)

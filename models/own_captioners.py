@@ -79,6 +79,10 @@ class CharCaptioner(Captioner):
     def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(pixel_values, ids)  # causal: right padding never reaches real tokens
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Our decoders are pre-norm: the final ``norm``, then the ``head``."""
+        return self.model.head(self.model.norm(resid))
+
     def _generate(self, pixel_values: torch.Tensor, max_new_tokens: int, num_beams: int, **kw: Any) -> torch.Tensor:
         extra = {k: v for k, v in kw.items() if k not in ("min_new_tokens", "do_sample") or (k == "do_sample" and v)}
         if num_beams != 1 or extra:

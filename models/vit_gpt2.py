@@ -78,6 +78,11 @@ class ViTGPT2Adapter(HFCaptioner):
     def _logits(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, decoder_input_ids=ids, decoder_attention_mask=mask).logits
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """GPT-2 is pre-norm: ``ln_f``, then the (tied) ``lm_head``."""
+        dec = self.model.decoder
+        return dec.lm_head(dec.transformer.ln_f(resid))
+
     def _generate_kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
         sp = self.specials
         return {"decoder_start_token_id": sp.start, "eos_token_id": sp.eos, "pad_token_id": sp.pad}

@@ -325,6 +325,13 @@ class Captioner(ModelAdapter):
         """Generated ids (b, new tokens), without the start token."""
 
     @abc.abstractmethod
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """The decoder's read-out applied to a residual state: ``(..., dim) -> (..., vocab)`` logits,
+        through the final norm when the stack is pre-norm (GPT-2's ``ln_f``, our decoders' ``norm``)
+        and the prediction head (BLIP's transform + decoder, GIT's ``output``). On the last text
+        block's ``resid_post`` it gives the model's logits; on earlier blocks, the logit lens."""
+
+    @abc.abstractmethod
     def _encode_text(self, caption: str) -> list[int]:
         """Token ids of a caption, no special tokens."""
 

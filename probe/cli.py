@@ -23,8 +23,10 @@ from safetensors import SafetensorError
 
 import probe.analyses  # noqa: F401  (registers the analyses)
 from probe import registry, zoo
+from probe.analyses.activations import DEFAULT_HOOKS, capture_set, parse_source
 from probe.analysis import Analysis, add_arguments, params_from_args
 from probe.data import ImageLoadError, load_labelled
+from probe.data.activations import GROUPS
 from probe.data.shapes import write_dataset
 from probe.docs import fusion_markdown
 from probe.io import check_output
@@ -92,6 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
         pa = arun.add_parser(name, help=analysis.summary, description=analysis.summary)
         _add_run_common(pa, analysis)
         add_arguments(pa, analysis.Params)
+
+    pc = sub.add_parser("capture", help="write an activation data set: reduced activations per token group, "
+                        "sharded safetensors + index (torchrun --nproc_per_node N shards it by rank)")
+    pc.add_argument("--model", required=True, help="registered model; see `probe models`")
+    pc.add_argument("--weights", default="auto", help="auto | demo | random | pretrained | a hub id | a folder")
+    pc.add_argument("--hooks", default=DEFAULT_HOOKS, help=f"comma-separated globs of token-stream hooks "
+                    f"(default {DEFAULT_HOOKS})")
+    pc.add_argument("--data", required=True, help="shapes:N[:SPLIT] (probe-shapes, labelled), a probe-shapes "
+                    "folder (labelled) or a folder of images (no labels)")
+    pc.add_argument("--out", type=_folder, required=True, help="data set folder (an unfinished one is resumed)")
+    pc.add_argument("--groups", default=None, help="comma-separated token groups: " + ", ".join(GROUPS)
+                    + " (default cls,mean,object, and text for captioners)")
+    pc.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    pc.add_argument("--batch-size", type=int, default=64)
+    pc.add_argument("--store-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="dtype of the stored activations")
+    pc.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--force", action="store_true", help="replace a complete data set written by probe")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pd = sub.add_parser("data", help="make data sets")
     dsub = pd.add_subparsers(dest="dataset", required=True)
@@ -196,6 +218,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    _seed(args.seed)
+    groups = None if args.groups is None else [g.strip() for g in args.groups.split(",") if g.strip()]
+    source = parse_source(args.data)  # refused before the model loads
+    torch.manual_seed(args.seed)
+    adapter = registry.load_model(args.model, weights=args.weights, seed=args.seed,
+                                  device=resolve_device(args.device))
+    t0 = time.perf_counter()
+    ds = capture_set(adapter, source, args.out, hooks=args.hooks, groups=groups, shard_size=args.shard_size,
+                     batch_size=args.batch_size, dtype=args.store_dtype, force=args.force,
+                     progress=not args.no_progress)
+    if ds is not None:  # rank 0
+        dt = time.perf_counter() - t0
+        rows = ", ".join(f"{g} {n}" for g, n in ds.index["rows"].items())
+        print(f"wrote {source.n} images ({rows} rows; {len(ds.hooks)} hooks, {ds.index['n_chunks']} shards) to "
+              f"{args.out} in {dt:.1f} s")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     if args.zoo_command == "list":
         print(zoo.markdown_table())
@@ -280,13 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.DEBUG if args.verbose else logging.ERROR)  # load reports
-    if not args.verbose and args.command in ("run", "zoo", "train"):  # these load models: no per-load bars
+    if not args.verbose and args.command in ("run", "zoo", "train", "capture"):  # these load models: no per-load bars
         from transformers.utils import logging as hf_logging  # heavy: only for commands that load models
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()  # transformers resets its logger's level when it configures it
     commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data_shapes,
-                "train": cmd_train_vit}
+                "train": cmd_train_vit, "capture": cmd_capture}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,61 +1,60 @@
-"""Streamlit app: browse the runs in a store. Reads the store only; never runs a model.
+"""Streamlit app over a probe run store: browse, inspect and compare saved runs.
 
-    streamlit run app/main.py             # store from $PROBE_STORE or ./probe-runs
+    streamlit run app/main.py             # store from $PROBE_STORE or ./probe-runs (or chosen in the sidebar)
+
+It reads saved runs only (manifest, result JSON, array slices, figures) and never loads a model or
+installs a hook, so it is fast and safe to point at a shared store. The server binds to
+127.0.0.1 (``.streamlit/config.toml``); ``--server.address 0.0.0.0`` exposes it. Set
+``PROBE_APP_READONLY=1`` to hide the delete button and the store chooser.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import streamlit as st
+from probeapp import data
 
-from probe.runs.store import DEFAULT_STORE_ENV, RunStore, default_store_root
+st.set_page_config(page_title="probe", page_icon=":material/visibility:", layout="wide")
 
-st.set_page_config(page_title="probe runs", layout="wide")
-st.title("probe: saved runs")
+# The store: chosen once in the sidebar (every page reads it), kept in a non-widget key.
+with st.sidebar:
+    if data.readonly():
+        st.caption(f"Run store (read-only): `{data.store_root()}`")
+    else:
+        if data.STORE_KEY not in st.session_state:
+            st.session_state[data.STORE_KEY] = data.default_root_text()
+        if "store_input" not in st.session_state:
+            st.session_state["store_input"] = st.session_state[data.STORE_KEY]
+        chosen = st.text_input("Run store folder", key="store_input",
+                               help="$PROBE_STORE, else ./probe-runs; any folder of runs written by probe")
+        if chosen.strip() != st.session_state[data.STORE_KEY]:
+            st.session_state[data.STORE_KEY] = chosen.strip() or data.default_root_text()
+    root = data.store_root()
+    if root.exists() and not root.is_dir():
+        st.error(f"`{root}` is a file, not a run store folder.")
+    elif root.is_dir():
+        n = len(data.listing())
+        st.caption(f"{n} run{'s' if n != 1 else ''} in `{root}`")
+    else:
+        st.caption(f"`{root}` does not exist yet.")
+    if st.button("Reload the store", icon=":material/refresh:", help="read the store's folder again"):
+        data.clear_caches()
 
-root = st.sidebar.text_input("Run store folder", value=os.environ.get(DEFAULT_STORE_ENV, str(default_store_root())))
-store = RunStore(Path(root))
-runs = store.list()
-if not runs:
-    st.info(f"No runs in `{store.root}` yet. Make one with `probe run attention`.")
-    st.stop()
-
-st.sidebar.caption(f"{len(runs)} runs")
-table = [
-    {
-        "run": r.id,
-        "analysis": r.manifest.get("analysis", "?"),
-        "model": r.manifest.get("model", {}).get("name", "?"),
-        "weights": r.manifest.get("weights", {}).get("source", "?"),
-        "created": r.manifest.get("created", ""),
-        "status": r.status if r.status == "ok" else f"broken: {r.problem}",
-    }
-    for r in runs
-]
-st.dataframe(table, hide_index=True, width="stretch")
-
-choice = st.selectbox("Run", [r.id for r in runs])
-run = next(r for r in runs if r.id == choice)
-if run.status != "ok":
-    st.error(f"Run {run.id} is broken: {run.problem}. Delete it with `probe runs --delete {run.id}`.")
-    st.stop()
-m = run.manifest
-c1, c2, c3, c4 = st.columns(4)
-c1.metric("analysis", m.get("analysis", "?"))
-c2.metric("model", m.get("model", {}).get("name", "?"))
-c3.metric("weights", m.get("weights", {}).get("source", "?"))
-c4.metric("device / dtype", f"{m.get('device', '?')} / {m.get('dtype', '?')}")
-if m.get("weights", {}).get("source") == "random":
-    st.warning("This run used random weights: maps show the architecture, not learned behaviour.")
-
-st.subheader("Figures")
-if not run.figures:
-    st.caption("This run saved no figures.")
-for fig in run.figures:
-    st.image(str(fig), caption=fig.name)
-
-with st.expander("Manifest"):
-    st.code(json.dumps(m, indent=2), language="json")
+pages = {
+    "Store": [
+        st.Page("app_pages/runs.py", title="Runs", icon=":material/table_rows:", default=True),
+        st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+        st.Page("app_pages/generic.py", title="Any run", icon=":material/data_object:", url_path="any-run"),
+    ],
+    "Analyses": [
+        st.Page("app_pages/attention.py", title="Attention", icon=":material/grid_on:", url_path="attention"),
+        st.Page("app_pages/flow.py", title="Flow and tokens", icon=":material/short_text:", url_path="flow"),
+        st.Page("app_pages/ablation.py", title="Ablation", icon=":material/content_cut:", url_path="ablation"),
+        st.Page("app_pages/attribution.py", title="Attribution", icon=":material/highlight:", url_path="attribution"),
+        st.Page("app_pages/faithfulness.py", title="Faithfulness", icon=":material/fact_check:",
+                url_path="faithfulness"),
+        st.Page("app_pages/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
+        st.Page("app_pages/cross_attention.py", title="Cross-attention and fusion", icon=":material/hub:",
+                url_path="cross-attention"),
+    ],
+}
+st.navigation(pages).run()

@@ -14,6 +14,11 @@ file is written, so a crash never leaves a half-written run in the listing.
 Run ids are plain folder names (``[A-Za-z0-9._-]+``, not starting with ``.``) checked by the store
 itself, so no caller can reach outside the root. One bad run folder never breaks the store: it is
 listed as broken with its problem, `load` names the problem, and `delete` still removes it.
+
+Viewers that must not load every array (the app) read a run file by file: `run_path`, `run_file`,
+`read_json`, `array_info` (shapes from the safetensors header) and `read_array` (one array or a
+slice of it). They refuse what `load` refuses, and also any run folder or run file that is a
+symbolic link, so no id can make them read outside the store root.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from probe.io import MARKER, OutputExistsError, atomic_dir
@@ -45,6 +52,7 @@ MANIFEST_VERSION = 1
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 STAGING_RE = re.compile(r"\.(incomplete|deleting|old)-.+-[A-Za-z0-9_]{6,8}")  # what atomic_dir and delete name
 GENERATED_ID_RE = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9_.-]+-[0-9a-f]{6}")  # `RunStore.new_id`
+RUN_FILES = ("manifest.json", "result.json", "arrays.safetensors")
 STALE_AFTER_S = 24 * 3600  # staging folders younger than this may belong to a save in progress
 
 logger = logging.getLogger(__name__)
@@ -149,17 +157,18 @@ class RunStore:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default))
         return self.load(run_id)
 
-    def list(self) -> list[Run]:
+    def list(self, *, clean: bool = True) -> list[Run]:
         """Every run, newest first, broken ones last; the result is not loaded (None). A run is a
         folder holding a ``manifest.json`` (or a link in the store's top level); other folders are
         not runs and are neither listed nor ever deleted.
 
         Never raises for one bad run: it is listed with ``status="broken"`` and its `problem`.
-        Staging folders left by crashed saves and deletes more than a day ago are removed.
+        Staging folders left by crashed saves and deletes more than a day ago are removed, unless
+        `clean` is False (readers of a shared store, such as the app, write nothing).
         """
         if not self.root.is_dir():
             return []
-        n = self.clean_incomplete(older_than=STALE_AFTER_S)
+        n = self.clean_incomplete(older_than=STALE_AFTER_S) if clean else 0
         if n:
             logger.info("removed %d stale staging folder%s from %s", n, "" if n == 1 else "s", self.root)
         runs = []
@@ -204,6 +213,110 @@ class RunStore:
             trash.unlink()
         else:
             shutil.rmtree(trash)  # does not follow links inside the folder
+
+    # ---------------------------------------------------------------- read-only access, file by file
+    # For viewers (the app) that read a run lazily instead of `load`ing every array: each path goes
+    # through the same id check as `load`, and nothing outside the store root is ever opened.
+
+    def run_path(self, run_id: str) -> Path:
+        """The folder of an existing run, checked: a plain id, a real folder (not a symbolic link)
+        inside the store root.
+
+        Raises:
+            RunIdError: `run_id` is not a plain name inside the store.
+            UnknownRunError: no such run.
+            BrokenRunError: the run is a symbolic link, or resolves outside the store root.
+        """
+        p = self._path(run_id)
+        if p.is_symlink():
+            raise BrokenRunError(f"run {run_id} in {self.root} is a symbolic link to {os.readlink(p)}; "
+                                 "runs are real folders in the store, so it is not read")
+        if not p.resolve().is_relative_to(self.root.resolve()):
+            raise BrokenRunError(f"run {run_id} resolves outside the store {self.root}; it is not read")
+        return p
+
+    def run_file(self, run_id: str, name: str) -> Path:
+        """One file of a run, checked as `run_path` is: ``manifest.json``, ``result.json``,
+        ``arrays.safetensors`` or ``figures/NAME.png``; never a link, never outside the run.
+
+        Raises:
+            RunIdError, UnknownRunError: as `run_path`.
+            BrokenRunError: the file is missing, a link, or not one of those names.
+        """
+        p = self.run_path(run_id)
+        parts = name.split("/")
+        allowed = name in RUN_FILES or (len(parts) == 2 and parts[0] == "figures" and parts[1].endswith(".png")
+                                        and RUN_ID_RE.fullmatch(parts[1]) is not None
+                                        and not parts[1].startswith("."))
+        if not allowed:
+            raise BrokenRunError(f"{name!r} is not a file of a run ({', '.join(RUN_FILES)} or figures/NAME.png)")
+        f = p.joinpath(*parts)
+        if f.is_symlink() or (len(parts) == 2 and p.joinpath(parts[0]).is_symlink()):
+            raise BrokenRunError(f"run {run_id}: {name} is a symbolic link; it is not read")
+        if not f.is_file():
+            raise BrokenRunError(f"run {run_id} in {self.root} is broken: {name} is missing")
+        if not f.resolve().is_relative_to(p.resolve()):
+            raise BrokenRunError(f"run {run_id}: {name} resolves outside the run; it is not read")
+        return f
+
+    def read_json(self, run_id: str, name: str = "result.json") -> dict[str, Any]:
+        """``result.json`` (or ``manifest.json``) of a run as a dict, without rebuilding the result.
+
+        Raises:
+            BrokenRunError: the file cannot be read or does not hold a JSON object (and as `run_file`).
+        """
+        if name not in ("result.json", "manifest.json"):
+            raise BrokenRunError(f"{name!r}: read_json reads result.json or manifest.json")
+        f = self.run_file(run_id, name)
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BrokenRunError(f"run {run_id}: {name} is not valid JSON ({_one_line(e)})") from e
+        problem = _manifest_problem(d) if name == "manifest.json" else (
+            "" if isinstance(d, dict) else f"result.json holds a {type(d).__name__}, not an object")
+        if problem:
+            raise BrokenRunError(f"run {run_id} is broken: {problem}")
+        return d
+
+    def array_info(self, run_id: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, safetensors dtype such as ``F32``) of every array of a run, read from the
+        file's header only.
+
+        Raises:
+            BrokenRunError: ``arrays.safetensors`` cannot be read (and as `run_file`).
+        """
+        f = self.run_file(run_id, "arrays.safetensors")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                out = {}
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    out[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+                return out
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise BrokenRunError(f"run {run_id}: arrays.safetensors cannot be read ({_one_line(e)})") from e
+
+    def read_array(self, run_id: str, name: str, index: tuple[int | slice, ...] = ()) -> np.ndarray:
+        """One array of a run, or a part of it (`index`: ints and slices over its leading axes),
+        read lazily from ``arrays.safetensors`` (only the part asked for is read). Floating-point
+        arrays come back as float32 (bfloat16 has no numpy type), others as they are.
+
+        Raises:
+            KeyError: the run has no array `name`.
+            IndexError: `index` is out of range.
+            BrokenRunError: ``arrays.safetensors`` cannot be read (and as `run_file`).
+        """
+        f = self.run_file(run_id, "arrays.safetensors")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                if name not in fh.keys():
+                    raise KeyError(f"run {run_id} has no array {name!r}")
+                t = fh.get_slice(name)[index] if index else fh.get_tensor(name)
+        except (KeyError, IndexError):
+            raise
+        except Exception as e:
+            raise BrokenRunError(f"run {run_id}: {name} in arrays.safetensors cannot be read ({_one_line(e)})") from e
+        return (t.float() if t.is_floating_point() else t).numpy()
 
     def clean_incomplete(self, older_than: float = 0.0) -> int:
         """Remove staging folders (``.incomplete-*``, ``.deleting-*``, ``.old-*``) left by crashed saves

@@ -7,11 +7,13 @@ holds the same table between markers, and a test fails when it is stale.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from probe import registry
 from probe.analyses.ca_params import count_parameters, declared_groups
 from probe.capture import MaskTokens
+from probe.io import atomic_write_text
 from probe.types import VOCABULARY, select
 
 START, END = "<!-- fusion-table:start -->", "<!-- fusion-table:end -->"
@@ -86,6 +88,14 @@ def hooks_markdown() -> str:
     lines = ["| name | shape | what |", "|---|---|---|"]
     lines += [f"| `{h.template}` | {h.shape} | {h.doc} |" for h in VOCABULARY]
     return "\n".join(lines)
+
+
+def write_readme_block(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the text between two markers of a README file with `body` (written atomically)."""
+    text = path.read_text()
+    readme_block(text, start, end)  # names missing markers
+    head, rest = text.split(start, 1)
+    atomic_write_text(path, f"{head}{start}\n{body.rstrip()}\n{end}{rest.split(end, 1)[1]}")
 
 
 def readme_block(readme: str, start: str = START, end: str = END) -> str:

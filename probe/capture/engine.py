@@ -38,7 +38,9 @@ class HasHooks(Protocol):
     def module(self, path: str) -> nn.Module: ...
 
 
-def _first_tensor(value: Any, index: int | None) -> torch.Tensor:
+def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
+    """The tensor a hook reads in a module's output (or input tuple): the value itself, element
+    `index` (default 0) of a tuple or list, or a transformers ModelOutput's ``last_hidden_state``."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, tuple | list):
@@ -148,13 +150,13 @@ def capture(
             elif spec.kind == "output":
 
                 def on_output(_m: nn.Module, _a: Any, out: Any, spec: HookSpec = spec) -> None:
-                    store(spec.name, _first_tensor(out, spec.output_index))
+                    store(spec.name, first_tensor(out, spec.output_index))
 
                 handles.append(module.register_forward_hook(on_output))
             elif spec.kind == "input":
 
                 def on_input(_m: nn.Module, args: tuple, spec: HookSpec = spec) -> None:
-                    store(spec.name, _first_tensor(args, 0))
+                    store(spec.name, first_tensor(args, 0))
 
                 handles.append(module.register_forward_pre_hook(on_input))
             else:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from probe.capture.engine import first_tensor
 from probe.types import Block, HookSpec, ProbeError
 
 STACKS = ("vision", "text")
@@ -49,21 +50,13 @@ class HasBlocks(Protocol):
 
 
 def resid(output: Any, spec: HookSpec | None = None) -> torch.Tensor:
-    """The ``resid_post`` tensor in a block envoy's ``.output`` (inside a trace it is a real value).
-
-    A tensor is returned as is; a tuple gives element ``spec.output_index`` (default 0), e.g. the
-    text stream of a block that returns ``(visual, text)``; a ``ModelOutput`` its
-    ``last_hidden_state``. The result is the very tensor the model passes on: writing into it in
-    place (``resid(...)[:, t] = ...``) edits the run.
+    """The ``resid_post`` tensor in a block envoy's ``.output`` (inside a trace it is a real value),
+    read as the hook reads it (`probe.capture.engine.first_tensor` with ``spec.output_index``): a
+    tensor as is, element ``output_index`` of a tuple (e.g. the text stream of a block that returns
+    ``(visual, text)``), a ``ModelOutput``'s ``last_hidden_state``. It is the very tensor the model
+    passes on: writing into it in place (``resid(...)[:, t] = ...``) edits the run.
     """
-    index = spec.output_index if spec is not None else None
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list):
-        return output[index or 0]
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    raise TypeError(f"cannot find the block output tensor in a {type(output).__name__}")
+    return first_tensor(output, spec.output_index if spec is not None else None)
 
 
 def _common(paths: list[str]) -> str:

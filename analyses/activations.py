@@ -5,16 +5,26 @@ token groups of `probe.data.activations.GROUPS`, write one shard per chunk of im
 Nothing accumulates across chunks: each chunk of `shard_size` images is read, run in batches,
 reduced, written (`probe.data.activations.write_shard`, atomic) and dropped, so resident memory
 does not grow with the data set. Re-running the same command on an unfinished folder skips the
-chunks whose shard exists (resume). Under ``torchrun --nproc_per_node N`` (or ``accelerate
-launch``; both set ``WORLD_SIZE``/``RANK``) each rank captures the chunks ``c % N == rank``, rank 0
-merges the index; the files are those of a one-process capture.
+chunks whose shard exists (resume; temporary files left by a killed write are removed). Under
+``torchrun --nproc_per_node N`` (or ``accelerate launch``; both set ``WORLD_SIZE``/``RANK``) each rank
+captures the chunks ``c % N == rank``, rank 0 merges the index; the files are those of a one-process
+capture. The process group is gloo for a CPU capture (also on a host with CUDA) and nccl for a CUDA
+one, where rank ``r`` runs on ``cuda:LOCAL_RANK``.
+
+``--out`` is refused when it is, contains or lies inside the ``--data`` folder, and ``--force``
+replaces only a folder that holds a probe activation data set (its ``capture.json``/``index.json``
+say so), deleting only the files a capture writes: never a saved run, a ``probe data shapes``
+folder or a folder of the user's.
 
 Labels (probe-shapes only: an image folder written by ``probe data shapes``, or ``shapes:N``):
 per row the targets of `probe.data.activations.TARGETS`. Image-level rows (``cls``, ``mean``) take
 the attributes of the largest object (-1 when it is not unique; ``count`` is always set); object
 rows their own object's; patch rows the object covering at least half of the patch (-1 for
 background); text rows the object whose phrase ("a large red circle") the token belongs to (-1
-outside a phrase). ``position`` is the quadrant of the object's centre.
+outside a phrase). ``position`` is the quadrant of the object's centre (a text row's place in the
+caption is the field ``text_position``). ``count`` (objects in the image, minus one) belongs to the
+whole image, so every row of a labelled image has it: background patches and text outside a phrase
+included.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,18 +57,22 @@ from probe.data.activations import (
     POSITIONS,
     SHARD_RE,
     TARGETS,
+    TEMP_RE,
     TYPES,
     ActivationSet,
     ActivationSetError,
     done_chunks,
+    holds_activation_set,
     key,
     open_activations,
+    own_files,
     read_plan,
     row_key,
     write_index,
     write_plan,
     write_shard,
 )
+from probe.data.activations import VERSION as SET_VERSION
 from probe.data.metrics import largest_object
 from probe.data.shapes import COLOURS, SHAPES, SIZES, ShapeObject, ShapesSample, iter_split, rle_decode
 from probe.io import MARKER, check_output
@@ -385,7 +398,7 @@ def _run_batch(adapter: ModelAdapter, lay: Layout, items: list[Item], captions: 
                 else:
                     labels.append(_object_labels(s.objects[k] if k >= 0 else None, len(s.objects), s.image.size))
                 types.append(tok)
-                extra.setdefault("position", []).append(p)
+                extra.setdefault("text_position", []).append(p)  # not "position": that is a target
                 extra.setdefault("token", []).append(tok)
         cols = {"image": fields["image"], "type": types, **{t: [lab[t] for lab in labels] for t in TARGETS}, **extra}
         for name, v in cols.items():
@@ -415,10 +428,26 @@ def capture_chunk(adapter: ModelAdapter, lay: Layout, items: list[Item], *, batc
 
 
 # ----------------------------------------------------------------------------- processes
+def process_group_backend(device: str | torch.device) -> str:
+    """The process-group backend for a capture on `device`: nccl for CUDA, gloo otherwise (a CPU
+    capture on a host that has CUDA included: nccl cannot move CPU tensors)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: str | torch.device) -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` for a CUDA capture under ``torchrun`` /
+    ``accelerate launch`` (``WORLD_SIZE`` > 1), else `device` unchanged."""
+    device = torch.device(device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 @contextmanager
-def distributed() -> Iterator[tuple[int, int]]:
+def distributed(device: str | torch.device = "cpu") -> Iterator[tuple[int, int]]:
     """(rank, world size): from ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1), with a
-    process group (gloo on CPU, nccl on CUDA) set up here unless one exists; else (0, 1)."""
+    process group (`process_group_backend` of `device`; for CUDA, ``torch.cuda.set_device`` to the
+    local rank first) set up here unless one exists; else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         yield 0, 1
@@ -427,7 +456,10 @@ def distributed() -> Iterator[tuple[int, int]]:
 
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dev = rank_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=process_group_backend(dev))
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:
@@ -446,20 +478,51 @@ def _agree(world: int, error: str | None) -> str | None:
     return next((e for e in got if e), None)
 
 
-def _prepare(out: Path, plan: dict[str, Any], force: bool) -> str:
+def check_out(out: str | Path, source: Source, force: bool = False) -> None:
+    """Refuse `out` before any work (what `capture_set` would refuse before it knows the plan).
+
+    Raises:
+        ProbeError: `out` is, contains or lies inside the ``--data`` folder; is a file or a link; or
+            is a non-empty folder that holds no probe activation data set (refused even with
+            `force`), or a complete one without `force`.
+    """
+    out = Path(out)
+    if source.folder is not None:
+        o, d = out.resolve(), source.folder.resolve()
+        if o == d or d in o.parents or o in d.parents:
+            where = "is" if o == d else "lies inside" if d in o.parents else "contains"
+            raise ProbeError(f"--out {out} {where} the --data folder {source.folder}; write the activations to "
+                             "a folder of their own")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        check_output(out, force)  # its one-line refusal of links and files
+    if not out.is_dir() or not any(p.name != MARKER for p in out.iterdir()):
+        return
+    if not holds_activation_set(out):
+        raise ProbeError(f"--out {out} is not empty and holds no probe activation data set (no capture.json or "
+                         "index.json of one), so it is never replaced, not even with --force; choose another folder")
+    if (out / INDEX_FILE).is_file() and not force:
+        raise ProbeError(f"--out {out} holds a complete activation data set; pass --force to replace it or choose "
+                         "another folder")
+
+
+def _prepare(out: Path, plan: dict[str, Any], source: Source, force: bool) -> str:
     """Make `out` ready for `plan` (rank 0 only). Returns ``new``, ``resume`` or raises."""
+    check_out(out, source, force)
     existing = read_plan(out) if out.is_dir() else None
     if existing is not None and not (out / INDEX_FILE).is_file() and not force:
         if existing != plan:
             diff = sorted(k for k in set(existing) | set(plan) if existing.get(k) != plan.get(k))
             raise ProbeError(f"--out {out} holds an unfinished capture of a different plan ({', '.join(diff)} "
                              "differ); pass --force to start over or choose another folder")
+        stale = [p for p in out.iterdir() if TEMP_RE.fullmatch(p.name)]
+        for p in stale:  # left by a process killed mid-write (atomic writes clean up only on exceptions)
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d temporary files of an interrupted write from %s", len(stale), out)
         return "resume"
-    check_output(out, force)  # a complete data set or a foreign folder: refused unless --force (and ours)
     if out.is_dir():
-        for p in out.iterdir():  # --force on a folder of ours: start over
-            if p.name != MARKER:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for p in own_files(out):  # --force on an activation set: start over, deleting only our files
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by probe; `--force` may replace this folder\n")
     write_plan(out, plan)
@@ -470,7 +533,7 @@ def make_plan(adapter: ModelAdapter, source: Source, lay: Layout, *, shard_size:
               dtype: str) -> dict[str, Any]:
     """Everything that fixes the shards' content (a resumed capture must match it exactly)."""
     w = adapter.weights
-    return {"format": SET_FORMAT, "model": adapter.name,
+    return {"format": SET_FORMAT, "version": SET_VERSION, "model": adapter.name,
             "weights": {"source": w.source, "ref": w.ref, "sha256": w.sha256} if w else None,
             "hooks": lay.hooks, "groups": lay.groups, "data": source.spec, "n_images": source.n,
             "labelled": source.labelled, "shard_size": shard_size, "batch_size": batch_size, "dtype": dtype,
@@ -487,12 +550,14 @@ def capture_set(adapter: ModelAdapter, data: str | Source, out: str | Path, *, h
         data: ``shapes:N[:SPLIT]`` or a folder (see `Source`). hooks: globs over canonical names
             (token streams only). groups: token groups (`probe.data.activations.GROUPS`); groups the
             model lacks are refused (None: `default_groups`). shard_size: images per shard. dtype: of the stored activations.
+        force: replace a data set in `out` (never any other folder, see `check_out`).
 
     Returns:
-        The data set (`open_activations`) on rank 0; None on other ranks.
+        The data set (`open_activations`, ``captured`` set: the images captured by all ranks of
+        this call) on rank 0; None on other ranks.
     Raises:
-        ProbeError: refused before any work (see `layout`, `parse_source`), or an existing `out`
-            that is complete or foreign (unless `force`), or unfinished with another plan.
+        ProbeError: refused before any work (see `layout`, `parse_source`, `check_out`), or an
+            unfinished `out` with another plan.
     """
     source = data if isinstance(data, Source) else parse_source(data)
     groups = default_groups(adapter) if groups is None else list(dict.fromkeys(groups))
@@ -504,11 +569,14 @@ def capture_set(adapter: ModelAdapter, data: str | Source, out: str | Path, *, h
     out = Path(out)
     plan = make_plan(adapter, source, lay, shard_size=shard_size, batch_size=batch_size, dtype=dtype)
     n_chunks = -(-source.n // shard_size)
-    with distributed() as (rank, world):
+    device = rank_device(adapter.device)
+    if device != adapter.device:
+        adapter.to(device)  # under torchrun each rank on its own GPU
+    with distributed(device) as (rank, world):
         error = None
         if rank == 0:
             try:
-                state = _prepare(out, plan, force)
+                state = _prepare(out, plan, source, force)
                 if state == "resume":
                     log.info("resuming the capture in %s: %d of %d shards are done", out, len(done_chunks(out)),
                              n_chunks)
@@ -519,6 +587,7 @@ def capture_set(adapter: ModelAdapter, data: str | Source, out: str | Path, *, h
             raise ProbeError(error)
         done = set(done_chunks(out))
         mine = [c for c in range(n_chunks) if c % world == rank and c not in done]
+        new_images = sum(min(shard_size, source.n - c * shard_size) for c in range(n_chunks) if c not in done)
         error = None
         try:
             bar = tqdm(total=sum(min(shard_size, source.n - c * shard_size) for c in mine), unit="img",
@@ -544,7 +613,11 @@ def capture_set(adapter: ModelAdapter, data: str | Source, out: str | Path, *, h
             import torch.distributed as dist
 
             dist.barrier()
-    return open_activations(out) if rank == 0 else None
+    if rank != 0:
+        return None
+    ds = open_activations(out)
+    ds.captured = new_images
+    return ds
 
 
 def default_groups(adapter: ModelAdapter) -> list[str]:
@@ -558,4 +631,5 @@ def shard_files(folder: str | Path) -> list[str]:
 
 
 __all__ = ["DEFAULT_HOOKS", "ActivationSetError", "Item", "Layout", "Source", "capture_chunk", "capture_set",
-           "default_groups", "distributed", "layout", "make_plan", "parse_source", "shard_files"]
+           "check_out", "default_groups", "distributed", "layout", "make_plan", "parse_source", "process_group_backend",
+           "rank_device", "shard_files"]

@@ -1,8 +1,9 @@
 """The README's probe table: do the zoo ViTs encode the colour of the largest object?
 
 Per ViT kind of the zoo, `probe run probes --target colour --tokens cls` on N probe-shapes test images
-(captured on the fly; the zoo trained on the train split), every layer: accuracy with its image-bootstrap CI, majority baseline,
-control task (Hewitt & Liang) and selectivity. Writes bench/results/representations_probes.json
+(captured on the fly; the zoo trained on the train split), every layer: accuracy with its image-bootstrap CI, majority baseline
+(out of fold, and the majority class's overall frequency), control task (Hewitt & Liang) and selectivity, on the same
+folds (grouped by image, stratified by colour). Writes bench/results/representations_probes.json
 and rewrites the README block between the probes markers; tests/test_probes.py fails when the
 block differs from the file, and re-runs one kind to check the file is current.
 
@@ -49,7 +50,9 @@ def best(entry: dict[str, Any]) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     lines = [f"Colour of the largest object from the CLS token, {data['n']} probe-shapes test images, zoo "
-             "weights, 5 folds grouped by image; per kind the most selective layer with accuracy >= 0.9. "
+             "weights, 5 folds grouped by image and stratified by colour (the same folds for task, control and "
+             "baseline); per kind the most selective layer with accuracy >= 0.9. Majority: the out-of-fold "
+             "majority-class baseline / the majority class's overall frequency. "
              "Regenerate with `python bench/probes_table.py`.", "",
              "| model | layer | accuracy [95% CI] | majority | control | selectivity | control ceiling | "
              "accuracy per layer | control per layer |",
@@ -59,7 +62,8 @@ def render(data: dict[str, Any]) -> str:
         per = " / ".join(f"{s['accuracy']:.3f}" for s in e["layers"])
         ctrl = " / ".join(f"{s['control']:.3f}" for s in e["layers"])
         lines.append(f"| {e['model']} | {b['hook'].split('.')[2]} | {b['accuracy']:.3f} [{b['ci_lo']:.3f}, "
-                     f"{b['ci_hi']:.3f}] | {b['baseline']:.3f} | {b['control']:.3f} | {b['selectivity']:+.3f} | "
+                     f"{b['ci_hi']:.3f}] | {b['baseline']:.3f} / {b['majority']:.3f} | {b['control']:.3f} | "
+                     f"{b['selectivity']:+.3f} | "
                      f"{e['control_ceiling']:.3f} | {per} | {ctrl} |")
     return "\n".join(lines) + "\n"
 

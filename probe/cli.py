@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 import probe.analyses  # noqa: F401  (registers the analyses)
 from probe import registry, zoo
-from probe.analyses.activations import DEFAULT_HOOKS, capture_set, parse_source
+from probe.analyses.activations import DEFAULT_HOOKS, capture_set, check_out, parse_source, rank_device
 from probe.analysis import Analysis, add_arguments, params_from_args
 from probe.data import ImageLoadError, load_labelled
 from probe.data.activations import GROUPS
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the stored activations")
     pc.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     pc.add_argument("--seed", type=int, default=0)
-    pc.add_argument("--force", action="store_true", help="replace a complete data set written by probe")
+    pc.add_argument("--force", action="store_true", help="replace the activation data set in --out (only a folder "
+                    "holding one; --out may not be, contain or lie inside --data)")
     pc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pd = sub.add_parser("data", help="make data sets")
@@ -222,9 +223,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     _seed(args.seed)
     groups = None if args.groups is None else [g.strip() for g in args.groups.split(",") if g.strip()]
     source = parse_source(args.data)  # refused before the model loads
+    check_out(args.out, source, args.force)
     torch.manual_seed(args.seed)
     adapter = registry.load_model(args.model, weights=args.weights, seed=args.seed,
-                                  device=resolve_device(args.device))
+                                  device=rank_device(resolve_device(args.device)))
     t0 = time.perf_counter()
     ds = capture_set(adapter, source, args.out, hooks=args.hooks, groups=groups, shard_size=args.shard_size,
                      batch_size=args.batch_size, dtype=args.store_dtype, force=args.force,
@@ -232,8 +234,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if ds is not None:  # rank 0
         dt = time.perf_counter() - t0
         rows = ", ".join(f"{g} {n}" for g, n in ds.index["rows"].items())
-        print(f"wrote {source.n} images ({rows} rows; {len(ds.hooks)} hooks, {ds.index['n_chunks']} shards) to "
-              f"{args.out} in {dt:.1f} s")
+        new = ds.captured if ds.captured is not None else source.n
+        what = (f"wrote {source.n} images" if new == source.n else
+                f"resumed: captured {new} new images ({source.n - new} of {source.n} were already there)")
+        print(f"{what} ({rows} rows; {len(ds.hooks)} hooks, {ds.index['n_chunks']} shards) to {args.out} in "
+              f"{dt:.1f} s")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Activation data sets: rows against a direct capture, 2-process gloo capture == 1-process capture,
-resume after an interruption mid-shard, a full disk, and refusals before any work."""
+resume after an interruption mid-shard (and a kill mid-write), a full disk, what --force may
+replace, the process-group backend, and refusals before any work."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import torch
 
 import probe.io  # (also registers models and analyses)
 from probe import registry
-from probe.analyses.activations import capture_set, parse_source, shard_files
+from probe.analyses.activations import (
+    capture_set,
+    distributed,
+    parse_source,
+    process_group_backend,
+    rank_device,
+    shard_files,
+)
 from probe.analyses.grounding import patch_coverage
 from probe.capture import capture
 from probe.cli import main
@@ -58,6 +66,13 @@ def test_rows_equal_a_direct_capture_reduced_by_hand(blip, tmp_path):
             want.append(v[i, 1:][torch.from_numpy(under)].mean(0).numpy())
             colours.append(list(COLOURS).index(s.objects[k].colour))
     np.testing.assert_allclose(ds.load("vision.blocks.1.resid_post", "object"), np.stack(want), atol=1e-5)
+    some = np.array([1, 3, 4, len(want) - 1])  # rows of both shards (images 0-3 and 4-5), read as slices
+    np.testing.assert_allclose(ds.load("vision.blocks.1.resid_post", "object", rows=some), np.stack(want)[some],
+                               atol=1e-5)
+    mask = np.zeros(len(want), bool)
+    mask[-2:] = True  # rows of the second shard only
+    np.testing.assert_allclose(ds.load("vision.blocks.1.resid_post", "object", rows=mask), np.stack(want)[mask],
+                               atol=1e-5)
     obj = ds.rows("object")
     assert obj["colour"].tolist() == colours and obj["image"].tolist() == [i for i, s in enumerate(images.samples)
                                                                           for _ in s.objects]
@@ -78,6 +93,11 @@ def test_rows_equal_a_direct_capture_reduced_by_hand(blip, tmp_path):
     word = blip._encode_text(first.objects[0].colour)[0]
     pos = ids[: int(n[0])].tolist().index(word)
     assert rows["colour"][pos] == list(COLOURS).index(first.objects[0].colour)
+    # the token's place in the caption is text_position; position stays the target (the quadrant)
+    assert rows["text_position"].tolist() == [p for i in range(len(n)) for p in range(int(n[i]))]
+    (x, y), (w, h) = first.objects[0].centre, first.image.size
+    assert rows["position"][pos] == 2 * int(y >= h / 2) + int(x >= w / 2)
+    assert set(rows["position"].tolist()) <= {-1, 0, 1, 2, 3}
     assert ds.hooks_with("text") == [f"text.blocks.{i}.resid_post" for i in range(3)]
 
 
@@ -119,10 +139,13 @@ def test_an_interrupted_capture_resumes_to_the_same_data_set(blip, tmp_path, mon
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ProbeError, match="unfinished capture"):
         open_activations(folder)
+    stale = folder / ".shard-000002.safetensors.k9x1ab.tmp"  # what a kill -9 mid-write leaves
+    stale.write_bytes(b"half a shard")
     done = shard_files(folder)
     before = {n: (folder / n).stat().st_mtime_ns for n in done}
     capture_set(blip, "shapes:20", folder, **kw)
     assert all((folder / n).stat().st_mtime_ns == t for n, t in before.items())  # done shards were not redone
+    assert not stale.exists()
     _same_files(tmp_path / "ref", folder)
 
 
@@ -165,6 +188,7 @@ def test_a_full_disk_mid_capture_keeps_every_complete_shard(blip, tmp_path, monk
         assert m["images"][1] - m["images"][0] == 4
     monkeypatch.setattr(probe.io.os, "fdopen", real_fdopen)
     assert main(args) == 0  # space freed: the same command finishes it
+    assert "resumed: captured 12 new images (8 of 20 were already there)" in capsys.readouterr().out
     assert main([*args[:-1], str(tmp_path / "ref")]) == 0
     _same_files(tmp_path / "ref", out)
 
@@ -199,6 +223,57 @@ def test_refusals_are_one_line_and_before_any_work(tmp_path, capsys):
     (foreign / "notes.txt").write_text("keep")
     assert main([*vit, "--out", str(foreign), "--force"]) == 2
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_force_replaces_an_activation_set_and_nothing_else(tmp_path, capsys):
+    """--force must never wipe the --data folder it reads, a run or a `probe data shapes` folder."""
+    from probe.data.shapes import write_dataset
+
+    shapes = write_dataset(tmp_path / "shapes", 4, progress=False)
+    run = tmp_path / "run"  # a saved run: written by probe (marker), not an activation set
+    run.mkdir()
+    (run / probe.io.MARKER).write_text("")
+    (run / "result.json").write_text("{}")
+    before = {p: p.read_bytes() for f in (shapes, run) for p in sorted(f.rglob("*")) if p.is_file()}
+    vit = ["capture", "--model", "vit-standard", "--weights", "demo", "--no-progress", "--force"]
+    for data, out, needle in [(shapes, shapes, "is the --data folder"), (shapes, shapes / "acts", "lies inside"),
+                              (shapes / "images", shapes, "contains"),
+                              ("shapes:4", shapes, "holds no probe activation data set"),
+                              ("shapes:4", run, "holds no probe activation data set")]:
+        assert main([*vit, "--data", str(data), "--out", str(out)]) == 2, (data, out)
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for f in (shapes, run) for p in sorted(f.rglob("*")) if p.is_file()} == before
+    acts = tmp_path / "acts"
+    assert main([*vit, "--data", "shapes:4", "--out", str(acts), "--groups", "cls"]) == 0
+    (acts / "notes.txt").write_text("mine")
+    assert main([*vit, "--data", "shapes:5", "--out", str(acts), "--groups", "cls"]) == 0  # an activation set: replaced
+    assert open_activations(acts).index["n_images"] == 5 and (acts / "notes.txt").read_text() == "mine"
+
+
+def test_the_process_group_backend_follows_the_capture_device(monkeypatch):
+    """gloo for a CPU capture even where CUDA exists; nccl and one GPU per local rank for CUDA."""
+    import torch.distributed as dist
+
+    assert process_group_backend("cpu") == "gloo" and process_group_backend(torch.device("cuda", 1)) == "nccl"
+    got: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: got.append(("device", torch.device(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: got.append(("backend", backend)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with distributed(torch.device("cpu")) as (rank, world):
+        assert (rank, world) == (1, 2)
+    assert got == [("backend", "gloo")]
+    got.clear()
+    assert rank_device("cuda") == torch.device("cuda", 1) and rank_device("cpu") == torch.device("cpu")
+    with distributed(torch.device("cuda")):
+        pass
+    assert got == [("device", torch.device("cuda", 1)), ("backend", "nccl")]
 
 
 def test_image_folders_are_unlabelled_and_probe_shapes_folders_are_labelled(tmp_path):

@@ -1,10 +1,12 @@
 """Linear probes: control labels, the grouped split against leakage, memorisation of the control
-task, baseline and CI by hand, the zoo-ViT colour result and its README table, refusals."""
+task, baseline and CI by hand (and on small data), memory bounds (bootstrap, one-hot, kept rows
+only), the zoo-ViT colour result and its README table, refusals."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -79,6 +81,56 @@ def test_baseline_and_confidence_interval_by_hand():
     assert wide[1] - wide[0] > 2 * (hi - lo)
 
 
+def test_the_majority_baseline_is_the_majority_on_small_data():
+    """Folds stratified by the label: a held-out fold's majority is the training majority, so the
+    out-of-fold baseline no longer falls below chance (unstratified GroupKFold gave 0.0 here)."""
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2])
+    for seed in range(3):
+        s = P.probe_layer(np.zeros((12, 2)), y, np.arange(12), np.arange(12), folds=5, seed=seed, n_boot=20)
+        assert s["baseline"] == pytest.approx(1 / 3) and s["majority"] == pytest.approx(1 / 3)
+    folds = P.grouped_folds(np.repeat(np.arange(40), 2), np.repeat(np.arange(40) % 4, 2), 5)
+    for _, test in folds:  # grouped (an image's two rows together) and stratified (10 images of each class)
+        assert np.bincount(np.repeat(np.arange(40) % 4, 2)[test], minlength=4).tolist() == [4, 4, 4, 4]
+
+
+def test_bootstrap_and_control_ceiling_memory_stay_bounded():
+    rng = np.random.default_rng(0)
+    correct, images = rng.random(20_000) < 0.7, np.arange(20_000)
+    tracemalloc.start()
+    lo, hi = P.image_bootstrap_ci(correct, images, n_boot=500)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 40e6, peak  # (n_boot x images) at once was 160 MB
+    assert lo < correct.mean() < hi and (lo, hi) == P.image_bootstrap_ci(correct, images, n_boot=500)
+    small = P.image_bootstrap_ci(correct, images, n_boot=500, chunk=20_000 * 7)  # other chunks: same interval
+    assert small == pytest.approx((lo, hi), abs=0.003)
+    types = rng.integers(0, 1000, 2000)  # e.g. token ids: a dense one-hot grows with rows x vocabulary
+    ctrl = P.control_labels(types, rng.integers(0, 4, 2000))
+    P.control_ceiling(types[:40], ctrl[:40], np.arange(40))  # imports first: they are not the one-hot's
+    tracemalloc.start()
+    ceiling = P.control_ceiling(types, ctrl, np.arange(2000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8e6, peak  # dense: 2000 x 1000, scaled in float64, ~30 MB
+    assert 0.5 < ceiling <= 1  # types seen in training are memorised (about 1 - e^-1.6 of them)
+
+
+def test_only_the_kept_rows_of_a_layer_are_read(tmp_path, monkeypatch):
+    vit = registry.load_model("vit-standard", weights="demo")
+    ds = capture_set(vit, "shapes:60", tmp_path / "set", groups=["cls"], shard_size=16, progress=False)
+    real, shapes = ds.load, []
+
+    def load(hook, group, rows=None):
+        x = real(hook, group, rows=rows)
+        shapes.append(x.shape[0])
+        return x
+
+    monkeypatch.setattr(ds, "load", load)
+    res = P.probe_set(ds, "colour", "cls", P.ProbesParams(target="colour", tokens="cls", max_rows=30, n_boot=20))
+    assert res.scores[0]["rows"] < 40 and shapes == [res.scores[0]["rows"]] * 4  # whole images subsampled, then read
+    assert res.activations == str((tmp_path / "set").resolve()) and res.data == "shapes:60:train"
+
+
 def _table():
     spec = importlib.util.spec_from_file_location("probes_table", P.__file__.replace("analyses/probes.py",
                                                                                       "bench/probes_table.py"))
@@ -143,6 +195,7 @@ def test_refusals_name_the_cause_in_one_line_before_any_work(tmp_path, capsys, s
         (["--model", "vit-standard", "--target", "count", "--data", str(plain)], "without annotations"),
         (["--model", "vit-standard", "--target", "count", "--data", str(unlabelled)], "no labels"),
         (["--model", "vit-standard", "--data", "shapes:x"], "shapes:N"),
+        (["--model", "vit-standard", "--data", "shapes:6"], "has 6 images; 5 folds grouped by image need at least 10"),
     ]
     for argv, needle in cases:
         assert main(["run", "probes", *argv]) == 2, argv

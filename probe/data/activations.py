@@ -18,7 +18,9 @@ leaves every earlier shard readable.
 Inside a shard, per hook and token group, ``{hook}/{group}``: (rows, dim) activations, and per
 group the rows' labels ``rows/{group}/{field}`` (int64, -1 where a row has no such label):
 ``image`` (global image index), ``type`` (the control-task type, see `TYPES`), the targets of
-`TARGETS`, and group-specific fields (``object``, ``patch``, ``position``, ``token``).
+`TARGETS`, and group-specific fields (``object``, ``patch``, ``text_position``, ``token``).
+Version 2 renamed the text rows' token position to ``text_position``: in version 1 it overwrote the
+``position`` target (the quadrant) of text rows, so version 1 sets are refused.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from probe.io import atomic_write_bytes, atomic_write_text
 from probe.types import ProbeError
 
 FORMAT = "probe-activations"
-VERSION = 1
+VERSION = 2
 PLAN_FILE = "capture.json"
 INDEX_FILE = "index.json"
 SHARD_RE = re.compile(r"shard-(\d{6})\.safetensors")
+#: temporary files of interrupted atomic writes (`probe.io.atomic_write_bytes`: ``.NAME.XXXX.tmp``)
+TEMP_RE = re.compile(r"\.(shard-\d{6}\.safetensors|index\.json|capture\.json)\..+\.tmp")
 
 #: token groups: what one row of each is
 GROUPS = {
@@ -161,11 +165,13 @@ class ActivationSet:
     memory holds one layer's rows, never the whole set.
 
     Attributes:
-        folder: the data set folder. index: ``index.json``.
+        folder: the data set folder. index: ``index.json``. captured: images this process captured
+            into it (`capture_set`; fewer than ``n_images`` on a resume), None when only opened.
     """
 
     folder: Path
     index: dict[str, Any]
+    captured: int | None = None
     _rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -188,15 +194,41 @@ class ActivationSet:
         """The hooks that have rows of `group` (e.g. only text hooks have ``text``), in order."""
         return [h for h in self.hooks if key(h, group) in self.index["dims"]]
 
-    def load(self, hook: str, group: str) -> np.ndarray:
-        """(rows, dim) float32: every row of `group` at `hook`, in image order."""
+    def load(self, hook: str, group: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(rows, dim) float32: the rows of `group` at `hook`, in image order; with `rows` (indices
+        into the group's rows, or a boolean mask over them) only those, read shard by shard as
+        safetensors slices, so memory holds one shard's span and the kept rows, never the layer."""
         k = key(hook, group)
         if k not in self.index["dims"]:
             have = ", ".join(sorted(self.index["dims"])[:10])
             raise ActivationSetError(f"{self.folder} has no {group!r} rows at {hook!r}; it has {have}")
-        parts = [_load_one(self.folder / s["file"], k) for s in self.index["shards"] if s["rows"].get(group)]
-        return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, self.index["dims"][k]),
-                                                                                           np.float32)
+        dim = self.index["dims"][k]
+        if rows is None:
+            parts = [_load_one(self.folder / s["file"], k) for s in self.index["shards"] if s["rows"].get(group)]
+            return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
+        rows = np.asarray(rows)
+        total = int(self.index["rows"][group])
+        if rows.dtype == bool:
+            if len(rows) != total:
+                raise ActivationSetError(f"a row mask of {len(rows)} for {total} {group!r} rows")
+            idx = np.flatnonzero(rows)
+        else:
+            idx = rows.astype(np.int64, copy=False)
+            if len(idx) and (idx.min() < 0 or idx.max() >= total or (np.diff(idx) <= 0).any()):
+                raise ActivationSetError(f"row indices must be increasing and within the {total} {group!r} rows")
+        out = np.empty((len(idx), dim), np.float32)
+        start, done = 0, 0
+        for s in self.index["shards"]:
+            n = int(s["rows"].get(group, 0))
+            lo, hi = np.searchsorted(idx, [start, start + n])
+            if hi > lo:
+                local = idx[lo:hi] - start
+                with safe_open(str(self.folder / s["file"]), framework="pt") as f:
+                    span = f.get_slice(k)[int(local[0]) : int(local[-1]) + 1]
+                out[done : done + hi - lo] = span[torch.from_numpy(local - local[0])].float().numpy()
+                done += hi - lo
+            start += n
+        return out
 
     def rows(self, group: str) -> dict[str, np.ndarray]:
         """Per-row fields of `group` (``image``, ``type``, the targets ...), each (rows,) int64."""
@@ -241,13 +273,34 @@ def open_activations(folder: str | Path) -> ActivationSet:
     index = json.loads(idx.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ActivationSetError(f"{folder}: {INDEX_FILE} is format {index.get('format')!r} version "
-                                 f"{index.get('version')!r}; this probe reads {FORMAT} version {VERSION}")
+                                 f"{index.get('version')!r}; this probe reads {FORMAT} version {VERSION}: capture "
+                                 "it again (probe capture --force)")
     return ActivationSet(folder, index)
 
 
 def is_activation_set(folder: str | Path) -> bool:
+    """Whether `folder` has an index or a plan file (complete or unfinished; not checked further)."""
     p = Path(folder)
     return p.is_dir() and ((p / INDEX_FILE).is_file() or (p / PLAN_FILE).is_file())
+
+
+def holds_activation_set(folder: str | Path) -> bool:
+    """Whether `folder`'s index or plan file says it is a probe activation data set (the only kind
+    of folder ``probe capture --force`` may replace)."""
+    p = Path(folder)
+    for name in (INDEX_FILE, PLAN_FILE):
+        try:
+            if json.loads((p / name).read_text()).get("format") == FORMAT:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def own_files(folder: str | Path) -> list[Path]:
+    """The files of `folder` that a capture writes: plan, index, shards and interrupted temporary files."""
+    return sorted(p for p in Path(folder).iterdir() if p.name in (PLAN_FILE, INDEX_FILE) or SHARD_RE.fullmatch(p.name)
+                  or TEMP_RE.fullmatch(p.name))
 
 
 def concat_rows(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -159,3 +159,65 @@ def test_read_array_reads_only_the_slice(saved, monkeypatch):
     s.read_array(run.id, "vision.blocks.0.attn.pattern", (1,))
     assert calls == [("slice", "vision.blocks.0.attn.pattern")]
     assert torch.is_tensor(torch.as_tensor(s.read_array(run.id, "input.image")))
+
+
+def test_only_links_named_like_runs_or_leading_to_probe_output_are_listed(saved, tmp_path):
+    """A store chooser pointed at ``/`` must not offer /bin, /lib ... (links) as broken runs to delete."""
+    s, run = saved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (s.root / "bin").symlink_to(mine, target_is_directory=True)  # the user's links
+    (s.root / "notes").symlink_to(mine / "notes.txt")
+    (s.root / "20990101-000000-attention-m-abcdef").symlink_to(mine, target_is_directory=True)  # named like a run
+    (s.root / "elsewhere").symlink_to(run.path, target_is_directory=True)  # leads to probe's output
+    listed = {r.id: r for r in s.list(clean=False)}
+    assert set(listed) == {run.id, "20990101-000000-attention-m-abcdef", "elsewhere"}
+    assert all(listed[i].status == "broken" for i in ("20990101-000000-attention-m-abcdef", "elsewhere"))
+    for name in ("bin", "notes"):
+        with pytest.raises(UnknownRunError):
+            s.delete(name)
+        assert (s.root / name).is_symlink()
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert s.is_probe_run(run.id)
+    for name in ("bin", "elsewhere", "20990101-000000-attention-m-abcdef", "../x", "nope"):
+        assert not s.is_probe_run(name), name
+
+
+def test_link_messages_do_not_say_where_the_link_points(saved, tmp_path):
+    s, _ = saved
+    secret = tmp_path / "very-secret-place"
+    secret.mkdir()
+    link = s.root / "20990101-000000-attention-evil-abcdef"
+    link.symlink_to(secret, target_is_directory=True)
+    (problem,) = [r.problem for r in s.list(clean=False) if r.id == link.name]
+    assert "symbolic link" in problem and "very-secret-place" not in problem
+    with pytest.raises(BrokenRunError) as e:
+        s.run_path(link.name)
+    assert "very-secret-place" not in str(e.value)
+
+
+def test_an_unknown_id_deletes_nothing(saved):
+    """The error for an unknown id names recent runs; listing them must not clean the store."""
+    s, run = saved
+    stale = s.root / ".incomplete-x-k3j9x0aa"  # a crashed save's staging folder, two days old
+    stale.mkdir()
+    (stale / MARKER).write_text("")
+    os.utime(stale, (1, 1))
+    for call in (s.read_json, s.run_path, s.array_info, s.load, s.delete):
+        with pytest.raises(UnknownRunError, match=run.id):
+            call("20990101-000000-x-m-abcdef")
+    assert stale.is_dir()
+
+
+def test_figures_are_what_run_file_reads(saved):
+    s, run = saved
+    figs = run.path / "figures"
+    (figs / "a b.png").write_bytes(b"\x89PNG fake")
+    (figs / "dir.png").mkdir()
+    (figs / "other.png").write_bytes(b"\x89PNG fake")
+    assert [f.name for f in s.load(run.id).figures] == ["map.png", "other.png"]
+    for f in s.load(run.id).figures:
+        assert s.run_file(run.id, f"figures/{f.name}") == f
+    with pytest.raises(BrokenRunError):
+        s.run_file(run.id, "figures/a b.png")

@@ -42,6 +42,10 @@ def test_runs_page_then_attention_page_in_chromium(tmp_path):
         b.navigate(url)
         b.wait_for_text(["Runs", run_id, "vit-standard"], timeout=90)  # the rendered Runs page, not the shell
         assert "No runs" not in b.text()
+        nav = b.evaluate("""[...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
+            .map(a => a.innerText.trim().split('\\n').pop().trim())""")
+        assert {"Runs", "Compare", "Any run", "Attention", "Probes", "UMAP and modality gap", "Logit lens"} <= set(nav), nav
+        assert "every network interface" not in b.text()  # started with --server.address 127.0.0.1
         b.click_nav("Attention")
         b.wait_for_text(["Query token", "attention of CLS, layer 0", run_id], timeout=60)
         boxes = b.wait_for("""(() => { const imgs = [...document.querySelectorAll('[data-testid="stImage"] img')]

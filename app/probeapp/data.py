@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
-from probe.runs.store import DEFAULT_STORE_ENV, RunStore, default_store_root
+from probe.runs.store import DEFAULT_STORE_ENV, RunStore, default_store_root, figure_name_ok
 from probe.types import ProbeError
 
 STORE_KEY = "probe.store"  # the chosen store root (a non-widget key: it survives page switches)
@@ -35,12 +36,17 @@ PAGE_OF = {
     "faithfulness": "app_pages/faithfulness.py",
     "patching": "app_pages/patching.py",
     "ca-params": "app_pages/cross_attention.py",
+    "probes": "app_pages/probes.py",
+    "representations": "app_pages/umap.py",
+    "logit-lens": "app_pages/logit_lens.py",
 }
 GENERIC_PAGE = "app_pages/generic.py"
 PAGE_TITLE = {"app_pages/attention.py": "Attention", "app_pages/flow.py": "Flow and tokens",
               "app_pages/ablation.py": "Ablation", "app_pages/attribution.py": "Attribution",
               "app_pages/faithfulness.py": "Faithfulness", "app_pages/patching.py": "Patching",
-              "app_pages/cross_attention.py": "Cross-attention and fusion", GENERIC_PAGE: "Any run"}
+              "app_pages/cross_attention.py": "Cross-attention and fusion", "app_pages/probes.py": "Probes",
+              "app_pages/umap.py": "UMAP and modality gap", "app_pages/logit_lens.py": "Logit lens",
+              GENERIC_PAGE: "Any run"}
 
 
 class RunUnreadable(ProbeError):
@@ -107,18 +113,40 @@ def tags_of(m: dict[str, Any], status: str) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def safe_text(x: Any) -> str:
+    """`x` as text that can always be shown: a folder name that is not valid UTF-8 (Python keeps
+    its bytes as lone surrogates) or a lone surrogate from a JSON escape is written as ``\\udcff``."""
+    return str(x).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def day_of(created: str) -> str:
+    """The ISO day (``YYYY-MM-DD``) of a manifest's ``created`` time, or "" when it is not an ISO date."""
+    try:
+        return datetime.fromisoformat(created).date().isoformat()
+    except (TypeError, ValueError):
+        try:
+            return date.fromisoformat(created[:10]).isoformat()
+        except (TypeError, ValueError):
+            return ""
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def _listing(root: str, stamp: int) -> list[dict[str, Any]]:
     rows = []
-    for r in RunStore(root).list(clean=False):  # the app writes nothing, not even cleaning
+    s = RunStore(root)
+    for r in s.list(clean=False):  # the app writes nothing, not even cleaning
         m = r.manifest
         model = m.get("model") if isinstance(m.get("model"), dict) else {}
         source, sha = _weights(m)
-        created = str(m.get("created", ""))
+        created = safe_text(m.get("created", ""))
+        link = r.path.is_symlink()
         rows.append({
-            "id": r.id, "analysis": str(m.get("analysis", "?")), "model": str(model.get("name", "?")),
-            "weights": source, "sha256": sha, "created": created, "date": created[:10],
-            "tags": tags_of(m, r.status), "status": r.status, "problem": r.problem,
+            "id": safe_text(r.id), "analysis": safe_text(m.get("analysis", "?")),
+            "model": safe_text(model.get("name", "?")), "weights": safe_text(source), "sha256": safe_text(sha),
+            "created": created, "date": day_of(created), "tags": [safe_text(t) for t in tags_of(m, r.status)],
+            "status": r.status, "problem": safe_text(r.problem), "link": link,
+            # offered for deletion only when positively a run probe wrote (never a link, a user's folder)
+            "deletable": not link and safe_text(r.id) == r.id and s.is_probe_run(r.id),
         })
     return rows
 
@@ -128,6 +156,23 @@ def listing(s: RunStore | None = None) -> list[dict[str, Any]]:
     folder changes (a run saved or deleted renames an entry in it)."""
     s = s or store()
     return _listing(str(s.root), _mtime(s.root))
+
+
+def has_entries(root: Path) -> bool:
+    """Whether `root` is a folder with anything in it (read one entry, not the whole folder)."""
+    try:
+        return root.is_dir() and any(True for _ in root.iterdir())
+    except OSError:
+        return False
+
+
+def no_runs_text(root: Path) -> str:
+    """What to say about a store with no runs: empty or missing, or a folder of other things."""
+    if has_entries(root):
+        return (f"`{safe_text(root)}` holds no probe runs (folders written by `probe run`); nothing in it is "
+                "listed. Choose another store in the sidebar.")
+    return (f"No runs in `{safe_text(root)}` yet. Make one with `probe run attention`, or choose another store "
+            "in the sidebar.")
 
 
 def clear_caches() -> None:
@@ -143,7 +188,9 @@ def _opened(root: str, run_id: str, stamp: tuple[int, int, int]) -> dict[str, An
     result = s.read_json(run_id, "result.json")
     arrays = s.array_info(run_id)
     fig_dir = s.run_path(run_id) / "figures"
-    figures = [] if fig_dir.is_symlink() else [f.name for f in sorted(fig_dir.glob("*.png")) if not f.is_symlink()]
+    # only what `run_file` will read: a plain NAME.png that is a regular file (not a link or a folder)
+    figures = [] if fig_dir.is_symlink() or not fig_dir.is_dir() else [
+        f.name for f in sorted(fig_dir.glob("*.png")) if figure_name_ok(f.name) and not f.is_symlink() and f.is_file()]
     return {"manifest": manifest, "result": result, "arrays": arrays, "figures": figures}
 
 

@@ -253,6 +253,8 @@ SHOTS = (("Runs", "runs", ["Runs"]), ("Attention", "attention", ["Attention", "Q
          ("Flow and tokens", "flow", ["Which tokens read a patch"]), ("Ablation", "ablation", ["Captions per variant"]),
          ("Attribution", "attribution", ["Attribution"]), ("Faithfulness", "faithfulness", ["Maps of a scored word"]),
          ("Patching", "patching", ["Patching"]), ("Cross-attention and fusion", "cross_attention", ["Fusion table"]),
+         ("Probes", "probes", ["best layer"]), ("UMAP and modality gap", "umap", ["UMAP is for looking"]),
+         ("Logit lens", "logit_lens", ["What each patch says"]),
          ("Compare", "compare", ["What differs"]), ("Any run", "any_run", ["Arrays"]))
 
 

@@ -42,17 +42,18 @@ def limits(maps: Sequence[np.ndarray]) -> tuple[float, float, str]:
 def map_strip(image: np.ndarray | None, maps: Sequence[np.ndarray], titles: Sequence[str], *,
               label: str = "attention", suptitle: str = "", panel: float = 2.3, shared: bool = True,
               masks: Sequence[np.ndarray | None] | None = None, cells: Sequence[np.ndarray | None] | None = None,
-              alpha: float = 0.6, ncols: int = 6) -> bytes:
+              alpha: float = 0.6, ncols: int = 6, fixed: tuple[float, float] | None = None) -> bytes:
     """Panels of maps (rows, cols), each stretched over `image` (H, W, 3), `ncols` to a row, with a
-    colour bar (one for all when `shared`, else one per panel). `masks` (H, W) bool are outlined in
-    cyan; `cells` (rows, cols) bool are drawn as hatched patches (removed tokens)."""
+    colour bar (one for all when `shared`, else one per panel; over `fixed` (lo, hi) when given).
+    `masks` (H, W) bool are outlined in cyan; `cells` (rows, cols) bool are drawn as hatched patches
+    (removed tokens)."""
     n = max(len(maps), 1)
     nc = min(n, ncols)
     nr = -(-n // nc)
     fig = Figure(figsize=(panel * nc + (0.9 if shared else 0.6 * nc), panel * nr + (0.5 if suptitle else 0.25)),
                  layout="constrained")
     axes = fig.subplots(nr, nc, squeeze=False).ravel()
-    scale = limits(maps) if shared else None
+    scale = (fixed[0], fixed[1], SEQUENTIAL) if fixed else limits(maps) if shared else None
     artist = None
     for k, ax in enumerate(axes):
         ax.set_xticks([])
@@ -85,6 +86,48 @@ def map_strip(image: np.ndarray | None, maps: Sequence[np.ndarray], titles: Sequ
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     return png(fig)
+
+
+def token_grid(image: np.ndarray | None, tokens: Sequence[str], grid: tuple[int, int], title: str = "",
+               size: float = 6.0, top: int = 12) -> bytes:
+    """Tokens (one per patch, row-major) written over `image` (H, W, 3) on its patch grid (rows,
+    cols); the `top` most frequent tokens get a colour each (the others grey), with a legend."""
+    rows, cols = grid
+    toks = [str(t) for t in tokens][: rows * cols]
+    counts = pd.Series(toks).value_counts()
+    palette = _tab20()[:top]
+    colour = {t: palette[i] for i, t in enumerate(counts.index[:top])}
+    fig = Figure(figsize=(size + 1.8, size + 0.4), layout="constrained")
+    ax = fig.subplots()
+    h, w = (image.shape[:2] if image is not None else (rows * 10, cols * 10))
+    if image is not None:
+        ax.imshow(image)
+    else:
+        ax.imshow(np.full((h, w, 3), 255, np.uint8))
+    ch, cw = h / rows, w / cols
+    font = max(3.5, min(9.0, 60.0 / max(cols, 1)))
+    for p, t in enumerate(toks):
+        r, c = divmod(p, cols)
+        rgb = colour.get(t, (0.6, 0.6, 0.6))
+        ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, facecolor=(*rgb, 0.35), edgecolor=(1, 1, 1, 0.5),
+                               linewidth=0.4))
+        ax.text((c + 0.5) * cw, (r + 0.5) * ch, t.strip()[:8] or repr(t), ha="center", va="center",
+                fontsize=font, color="black")
+    handles = [Rectangle((0, 0), 1, 1, facecolor=(*colour[t], 0.7)) for t in colour]
+    ax.legend(handles, [f"{t.strip() or repr(t)} ({counts[t]})" for t in colour], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, title="top-1 token (patches)", title_fontsize=7)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    return png(fig)
+
+
+def _tab20() -> list[tuple[float, float, float]]:
+    from matplotlib import colormaps
+
+    return [tuple(c[:3]) for c in colormaps["tab20"].colors]  # type: ignore[attr-defined]
 
 
 def draw_cells(ax: object, cells: np.ndarray, h: float, w: float) -> None:
@@ -132,9 +175,11 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 
 def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, value: str = "value",
             row_title: str = "", col_title: str = "", title: str = "", select: str | None = None,
-            height: int | None = None) -> alt.Chart:
+            height: int | None = None, zero: bool = False, domain: tuple[float, float] | None = None) -> alt.Chart:
     """A labelled grid as an Altair heat map: hover shows row, column and value; NaN cells are grey.
-    With `select`, clicking a cell selects it (a point selection of that name on ``row_i``, ``col_i``)."""
+    With `select`, clicking a cell selects it (a point selection of that name on ``row_i``, ``col_i``).
+    Non-negative values get a scale from their minimum, from 0 with `zero` (shares, masses), or
+    over `domain`; signed values a diverging scale centred on 0."""
     values = np.asarray(values, dtype=np.float64)
     r_lab, c_lab = unique_labels(rows), unique_labels(cols)
     rr, cc = np.meshgrid(np.arange(values.shape[0]), np.arange(values.shape[1]), indexing="ij")
@@ -144,7 +189,12 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, val
     lo, hi = (float(finite.min()), float(finite.max())) if finite.notna().any() else (0.0, 1.0)
     a = max(abs(lo), abs(hi)) or 1.0
     # signed values: one symmetric scale, white at 0, so a small negative value stays pale
-    scheme = alt.Scale(scheme="redblue", domain=[-a, a], reverse=True) if lo < 0 else alt.Scale(scheme="inferno")
+    if domain is not None:
+        scheme = alt.Scale(scheme="inferno", domain=list(domain))
+    elif lo < 0:
+        scheme = alt.Scale(scheme="redblue", domain=[-a, a], reverse=True)
+    else:
+        scheme = alt.Scale(scheme="inferno", domain=[0.0, hi if hi > 0 else 1.0]) if zero else alt.Scale(scheme="inferno")
     base = alt.Chart(df).encode(
         x=alt.X("col:N", sort=c_lab, title=col_title), y=alt.Y("row:N", sort=r_lab, title=row_title),
         tooltip=[alt.Tooltip("row:N", title=row_title or "row"), alt.Tooltip("col:N", title=col_title or "col"),

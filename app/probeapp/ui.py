@@ -74,13 +74,39 @@ def url_run() -> str | None:
     return str(v) if v else None
 
 
+def url_arrived(url_key: str) -> str | None:
+    """The ``?run=`` of the URL when it is new to the view `url_key` (an address the user arrived
+    with, or a link followed), else None: the view has already followed it, or wrote it itself.
+    An address is followed once; afterwards the view's own choice wins and is written back."""
+    asked = url_run()
+    seen = "probe.url." + url_key
+    if not asked or asked == st.session_state.get(seen):
+        return None
+    st.session_state[seen] = asked
+    return asked
+
+
+def url_follows(url_key: str, run_id: str) -> None:
+    """Keep ``?run=`` in step with the run a view shows (so a view can be shared)."""
+    st.session_state["probe.url." + url_key] = run_id
+    if st.query_params.get("run") != run_id:
+        st.query_params["run"] = run_id
+
+
+def article(word: str) -> str:
+    """The indefinite article for `word`: "an" (attention) or "a" (flow)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def pick_run(analyses: Sequence[str] | None, key: str, label: str = "Run",
-             accept: Callable[[dict[str, Any]], bool] | None = None) -> RunView | None:
+             accept: Callable[[dict[str, Any]], bool] | None = None, url_key: str | None = None) -> RunView | None:
     """A run of the given analyses (None: any), chosen in a select box that remembers its choice
-    and follows ``?run=ID``; returns the opened run, or None (with a message) when there is none.
+    and follows ``?run=ID`` when the page is opened with it; returns the opened run, or None (with
+    a message) when there is none. The address is then kept in step with the choice.
 
     A run id from the URL goes through the store's checks first; a bad id or a run of another
-    analysis is reported and the URL parameter is dropped.
+    analysis is reported and the URL parameter is dropped. `url_key` names the view for the
+    address (default `key`; Compare keeps one for all its analyses).
 
     Raises:
         RunUnreadable: the chosen run is broken (`guard` shows it).
@@ -88,8 +114,9 @@ def pick_run(analyses: Sequence[str] | None, key: str, label: str = "Run",
     rows = data.listing()
     mine = [r for r in rows if (analyses is None or r["analysis"] in analyses or (accept and accept(r)))]
     ids = [r["id"] for r in mine]
-    asked = url_run()
-    if asked and asked != kept(key):
+    url_key = url_key or key
+    asked = url_arrived(url_key)
+    if asked:
         try:
             v = data.open_run(asked)
         except RunUnreadable as e:
@@ -100,12 +127,12 @@ def pick_run(analyses: Sequence[str] | None, key: str, label: str = "Run",
             if asked in ids:
                 keep(key, asked)
             else:
-                st.info(f"Run `{asked}` is a **{a}** run; this page shows "
+                st.info(f"Run `{asked}` is {article(str(a))} **{a}** run; this page shows "
                         f"{', '.join(analyses or ['any'])} runs.")
                 st.page_link(page_path(str(a)), label=f"Open {asked} on its page", query_params={"run": asked})
     if not mine:
         what = ", ".join(analyses or ["any"])
-        st.info(f"No {what} runs in `{data.store_root()}`. Make one with "
+        st.info(f"No {what} runs in `{data.safe_text(data.store_root())}`. Make one with "
                 f"`probe run {(analyses or ['attention'])[0]}`, or choose another store in the sidebar.")
         return None
     by_id = {r["id"]: r for r in mine}
@@ -116,8 +143,7 @@ def pick_run(analyses: Sequence[str] | None, key: str, label: str = "Run",
         return f"{r['created'][:16].replace('T', ' ')} · {r['analysis']} · {r['model']} · {i}{flag}"
 
     choice = sticky(st.selectbox, label, ids, key, format_func=fmt)
-    if st.query_params.get("run") != choice:
-        st.query_params["run"] = choice
+    url_follows(url_key, choice)
     return data.open_run(choice)
 
 
@@ -168,13 +194,23 @@ def token_picker(tokens: Sequence[str], key: str, label: str = "Caption token (c
                       selection_mode="single", required=True))
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def figures(v: RunView, limit: int | None = None) -> None:
-    """The figures the run saved (PNG), as they are."""
+    """The figures the run saved (PNG), as they are; one that cannot be read or is not a PNG is
+    named with its problem, and the others are still shown."""
     names = v.figures[:limit] if limit else v.figures
     if not names:
         st.caption("This run saved no figures.")
     for name in names:
-        st.image(v.figure(name), caption=name)
+        try:
+            png = v.figure(name)
+            if not png.startswith(PNG_SIGNATURE):
+                raise ValueError("not a PNG file")
+            st.image(png, caption=name)
+        except Exception as e:  # one odd file must not hide the rest of the page
+            st.warning(f"figure `{name}` cannot be shown: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
 def manifest_view(v: RunView) -> None:

@@ -75,15 +75,39 @@ def show_png(data: bytes, caption: str | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------ attention
+CAPTURED = " (fused at capture)"
+
+
 def attention_heads(v: RunView) -> list[Any]:
     """Head choices: the fusions plus each head, or the one fusion done at capture time."""
     layers = v.field("layers") or []
     shape = v.shape(PATTERN.format(i=layers[0])) if layers else None
     if shape is None:
         raise KeyError(f"run {v.id} has no attention pattern ({PATTERN.format(i='*')})")
-    if shape[1] > 1:
+    reduced = v.field("reduce_heads") or "mean"
+    if shape[1] > 1 or reduced not in FUSIONS:
         return [*FUSIONS, *range(shape[1])]
-    return [f"{v.field('reduce_heads') or 'mean'} (fused at capture)"]
+    return [f"{reduced}{CAPTURED}"]
+
+
+def captured_fusion(head: Any) -> str | None:
+    """The fusion done at capture time that head choice `head` names, else None."""
+    return head.removesuffix(CAPTURED) if isinstance(head, str) and head.endswith(CAPTURED) else None
+
+
+def matching_head(v: RunView, head: Any) -> Any | None:
+    """The head choice of run `v` that computes the same thing as `head` (chosen on another run):
+    the same choice, a fusion over heads for that fusion done at capture time and back; None when
+    `v` has no such choice (one head of a run fused at capture, or another fusion)."""
+    heads = attention_heads(v)
+    if head in heads:
+        return head
+    fused = captured_fusion(head)
+    if fused in FUSIONS and fused in heads:
+        return fused
+    if head in FUSIONS:
+        return next((h for h in heads if captured_fusion(h) == head), None)
+    return None
 
 
 def attention_queries(v: RunView) -> tuple[list[int], dict[int, str]]:
@@ -144,8 +168,11 @@ def attention_panel(v: RunView, ctl: dict[str, Any], *, strip: bool = True) -> N
     layers = [int(i) for i in v.field("layers") or []]
     image = min(ctl["image"], len(v.field("image_names") or [0]) - 1)
     layer = ctl["layer"] if ctl["layer"] in layers else layers[-1]
-    heads = attention_heads(v)
-    head = ctl["head"] if ctl["head"] in heads else heads[0]
+    head = matching_head(v, ctl["head"])
+    if head is None:
+        head = attention_heads(v)[0]
+        st.caption(f":orange-badge[other heads] this run has no {head_label(ctl['head'])}: it shows "
+                   f"{head_label(head)}")
     positions, names = attention_queries(v)
     query = ctl["query"] if ctl["query"] in positions else positions[0]
     img = v.image(image)
@@ -166,19 +193,26 @@ def attention_panel(v: RunView, ctl: dict[str, Any], *, strip: bool = True) -> N
 
 
 # ------------------------------------------------------------------------------ flow
-def flow_controls(v: RunView, key: str) -> dict[str, Any]:
+def flow_controls(v: RunView, key: str, panels: Sequence[str] = ("",)) -> dict[str, Any]:
+    """The image and the caption token; a click on a token's row in a mass chart (one per panel
+    name in `panels`, see `flow_panel`) or in the patch readout chooses that token."""
     image = ui.image_picker(v, f"{key}.image")
     caps = v.field("captions") or []
     if image < len(caps):
         st.markdown(f"**Caption**: {html.escape(str(caps[image]))}")
     tokens = tokens_of(v, image)
     token_key = f"{key}.token.{v.id}.{image}"
-    for chart_key in (f"{key}.mass_chart", f"{key}.readout_chart"):  # a token row clicked in a chart
+    for chart_key in (*(mass_chart_key(key, p) for p in panels), f"{key}.readout_chart"):  # a token row clicked
         p = followed_click(chart_key, "cell")
         if p is not None and 0 <= int(p["row_i"]) < len(tokens):
             ui.keep(token_key, int(p["row_i"]))
     step = ui.token_picker(tokens, token_key)
     return {"image": image, "step": step, "tokens": tokens, "key": key}
+
+
+def mass_chart_key(key: str, panel: str = "") -> str:
+    """The widget key of the image-mass chart of one panel (Compare draws two: "A" and "B")."""
+    return f"{key}.mass_chart" + (f".{panel}" if panel else "")
 
 
 def flow_token_maps(v: RunView, image: int, step: int) -> tuple[list[np.ndarray], list[str]]:
@@ -189,7 +223,9 @@ def flow_token_maps(v: RunView, image: int, step: int) -> tuple[list[np.ndarray]
     return [np.mean(maps, axis=0), *maps], ["mean of layers", *[f"layer {i}" for i in layers]]
 
 
-def flow_panel(v: RunView, ctl: dict[str, Any]) -> None:
+def flow_panel(v: RunView, ctl: dict[str, Any], panel: str = "") -> None:
+    """The chosen token's map per layer over the image, and the image mass per token and layer
+    (a clickable chart keyed by the controls' key and `panel`: two panels need two names)."""
     image = ctl["image"]
     tokens = tokens_of(v, image)
     if not tokens:
@@ -202,11 +238,11 @@ def flow_panel(v: RunView, ctl: dict[str, Any]) -> None:
     mass = v.array("flow.image_mass", image)[: len(tokens)]  # (steps, layers)
     layers = v.field("layers") or list(range(mass.shape[1]))
     heat = render.heatmap(mass, [f"{i}:{t}" for i, t in enumerate(tokens)], [f"layer {i}" for i in layers],
-                          value="image mass", row_title="token", col_title="layer",
+                          value="image mass", row_title="token", col_title="layer", zero=True,
                           title="Attention mass on the image, per token and layer (click a row: its token)",
                           select="cell" if ctl.get("key") else None)
     if ctl.get("key"):  # the page's own chart: clicking a token's row chooses that token
-        chart(heat, on_select="rerun", key=f"{ctl['key']}.mass_chart", selection_mode="cell")
+        chart(heat, on_select="rerun", key=mass_chart_key(ctl["key"], panel), selection_mode="cell")
     else:
         chart(heat)
 
@@ -642,6 +678,9 @@ def array_explorer(v: RunView, key: str) -> None:
         return
     name = ui.sticky(st.selectbox, "Array", names, f"{key}.array.{v.id}")
     shape = v.arrays[name][0]
+    if 0 in shape:
+        st.caption(f"{name} is empty (shape {' x '.join(map(str, shape))}): nothing to draw.")
+        return
     index: list[int] = []
     if len(shape) > 2:
         cols = st.columns(len(shape) - 2)
@@ -723,3 +762,248 @@ def generic_panel(v: RunView, key: str, explore: bool = True, grids: bool = True
         scatter_explorer(v, key)
     st.subheader("Figures")
     ui.figures(v)
+
+
+# ------------------------------------------------------------------------------ probes
+PROBE_MEASURES = ("accuracy", "control", "baseline", "selectivity")
+
+
+def layer_name(hook: str) -> str:
+    """A short layer name: ``vision.blocks.3.resid_post`` -> ``vision 3``."""
+    m = re.fullmatch(r"([a-z_]+)\.blocks\.(\d+)\.resid_post", str(hook))
+    return f"{m.group(1)} {m.group(2)}" if m else str(hook)
+
+
+def probe_frame(v: RunView) -> pd.DataFrame:
+    """Per layer: accuracy with its 95% bootstrap interval, control, baseline and selectivity, from
+    the arrays (``accuracy``, ``ci``, ...), else from the ``scores`` field."""
+    hooks = [str(h) for h in v.field("layers") or []]
+    scores = [s for s in v.field("scores") or [] if isinstance(s, dict)]
+    n = len(hooks) or len(scores)
+    cols: dict[str, np.ndarray] = {}
+    for m in PROBE_MEASURES:
+        if m in v.arrays and v.shape(m) == (n,):
+            cols[m] = np.asarray(v.array(m), dtype=float)
+        else:
+            cols[m] = np.array([float(s.get(m, np.nan)) for s in scores[:n]] + [np.nan] * (n - len(scores[:n])))
+    if "ci" in v.arrays and v.shape("ci") == (n, 2):
+        ci = np.asarray(v.array("ci"), dtype=float)
+    else:
+        ci = np.array([[float(s.get("ci_lo", np.nan)), float(s.get("ci_hi", np.nan))] for s in scores[:n]]
+                      + [[np.nan, np.nan]] * (n - len(scores[:n]))).reshape(n, 2)
+    names = [layer_name(h) for h in hooks] if hooks else [layer_name(s.get("hook", i)) for i, s in enumerate(scores)]
+    df = pd.DataFrame({"layer": names, **cols, "ci_lo": ci[:, 0], "ci_hi": ci[:, 1]})
+    for extra in ("rows", "images"):
+        if scores and all(extra in s for s in scores[:n]) and len(scores) >= n:
+            df[extra] = [s[extra] for s in scores[:n]]
+    df["hook"] = hooks or [str(s.get("hook", "")) for s in scores[:n]]
+    return df
+
+
+def probe_chart(v: RunView, height: int = 300) -> alt.Chart:
+    """Accuracy (with its interval), control, baseline and selectivity per layer."""
+    df = probe_frame(v)
+    order = list(df["layer"])
+    long = df.melt(id_vars=["layer"], value_vars=list(PROBE_MEASURES), var_name="measure", value_name="value")
+    x = alt.X("layer:N", sort=order, title="layer")
+    lines = alt.Chart(long).mark_line(point=True).encode(
+        x=x, y=alt.Y("value:Q", title="accuracy / selectivity"),
+        color=alt.Color("measure:N", scale=alt.Scale(domain=list(PROBE_MEASURES),
+                                                     range=["#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c"])),
+        strokeDash=alt.condition("datum.measure == 'baseline' || datum.measure == 'control'",
+                                 alt.value([4, 3]), alt.value([1, 0])),
+        tooltip=["layer", "measure", alt.Tooltip("value:Q", format=".3f")])
+    bars = alt.Chart(df).mark_errorbar(ticks=True, color="#1f77b4").encode(
+        x=x, y=alt.Y("ci_lo:Q", title="accuracy / selectivity"), y2="ci_hi:Q",
+        tooltip=["layer", alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("ci_lo:Q", format=".3f", title="95% lo"),
+                 alt.Tooltip("ci_hi:Q", format=".3f", title="95% hi")])
+    what = f"{v.field('target', '?')} from {v.field('tokens', '?')} tokens"
+    return (bars + lines).properties(height=height, title=alt.TitleParams(
+        f"Probe of {what}, per layer", subtitle="accuracy with its 95% bootstrap interval over images; control task; "
+        "majority baseline; selectivity = accuracy - control", anchor="start"))
+
+
+def probe_patch_maps(v: RunView, key: str) -> None:
+    """``patch_accuracy`` (layers, rows, cols): the chosen layer's heat map (hover for values) and
+    every layer side by side on one scale; NaN where no patch was labelled."""
+    shape = v.shape("patch_accuracy")
+    if shape is None or len(shape) != 3 or 0 in shape:
+        return
+    names = list(probe_frame(v)["layer"])
+    names = names if len(names) == shape[0] else [f"layer {i}" for i in range(shape[0])]
+    st.subheader("Accuracy per patch position")
+    k = ui.sticky(st.selectbox, "Layer", list(range(shape[0])), f"{key}.patch_layer", format_func=lambda i: names[i])
+    acc = np.asarray(v.array("patch_accuracy", k), dtype=np.float32)
+    c1, c2 = st.columns([2, 3])
+    with c1:
+        chart(render.heatmap(acc, [f"r{i}" for i in range(shape[1])], [f"c{j}" for j in range(shape[2])],
+                             value="accuracy", row_title="patch row", col_title="patch column", domain=(0.0, 1.0),
+                             title=f"{names[k]}: accuracy per patch",
+                             height=max(160, min(24 * shape[1], 480))), margin=90)
+    with c2:
+        maps = [np.asarray(v.array("patch_accuracy", i), dtype=np.float32) for i in range(shape[0])]
+        show_png(render.map_strip(None, maps, names, label="accuracy", panel=1.6, ncols=4, fixed=(0.0, 1.0)),
+                 caption="every layer on one scale (0 to 1); blank: no labelled patch at that position")
+
+
+# ------------------------------------------------------------------------------ representations (UMAP)
+UMAP_CAVEAT = ("UMAP is for looking: its coordinates are not reproducible bit for bit, and distances and cluster "
+               "sizes in it mean little. The modality gap and the separability are measured in the original space.")
+
+
+def representation_frame(v: RunView) -> pd.DataFrame:
+    """Per layer pair: its name and hooks, the modality gap and the separability (from the arrays
+    ``gap``, ``separability``; NaN for skipped pairs), the counts, and why a pair was skipped."""
+    pairs = [p for p in v.field("pairs") or [] if isinstance(p, dict)]
+    n = len(pairs)
+
+    def measure(name: str) -> list[float]:
+        if name in v.arrays and v.shape(name) == (n,):
+            return [float(x) for x in np.asarray(v.array(name), dtype=float)]
+        return [float(p[name]) if isinstance(p.get(name), int | float) else np.nan for p in pairs]
+
+    df = pd.DataFrame({"pair": [str(p.get("name", k)) for k, p in enumerate(pairs)],
+                       "gap": measure("gap"), "separability": measure("separability")})
+    for c in ("image_hook", "text_hook", "n_image", "n_text", "dim", "skipped"):
+        if any(c in p for p in pairs):
+            df[c] = [p.get(c, "") for p in pairs]
+    df["umap"] = [f"umap.{k}" in v.arrays for k in range(n)]
+    return df
+
+
+def representation_chart(v: RunView) -> alt.Chart:
+    """The modality gap and the linear separability (chance 0.5) per layer pair."""
+    df = representation_frame(v)
+    order = list(df["pair"])
+    gap = alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("pair:N", sort=order, title="layer"), y=alt.Y("gap:Q", title="modality gap", scale=alt.Scale(zero=True)),
+        tooltip=["pair", alt.Tooltip("gap:Q", format=".4f")]).properties(
+        title="Modality gap |mean(img/|img|) - mean(txt/|txt|)|", height=220, width=320)
+    sep = alt.Chart(df).mark_line(point=True, color="#e45756").encode(
+        x=alt.X("pair:N", sort=order, title="layer"),
+        y=alt.Y("separability:Q", title="accuracy", scale=alt.Scale(domain=[0.4, 1.0])),
+        tooltip=["pair", alt.Tooltip("separability:Q", format=".3f")])
+    chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 3], color="grey").encode(y="y:Q")
+    return alt.hconcat(gap, (sep + chance).properties(
+        title="Linear separability of image vs text (grouped CV; chance 0.5)", height=220, width=320))
+
+
+def label_names(v: RunView) -> tuple[str, ...]:
+    """The class names of the result's ``label`` (colour, shape, ...), as the activation data set names them."""
+    from probe.data.activations import TARGETS  # light: class names only
+
+    return tuple(TARGETS.get(str(v.field("label", "")), ()))
+
+
+def umap_points(v: RunView, k: int) -> pd.DataFrame:
+    """The UMAP points of layer pair `k`: x, y, modality (image / text) and the label's class name."""
+    xy = np.asarray(v.array(f"umap.{k}"), dtype=np.float32)
+    n = len(xy)
+    mod = np.asarray(v.array(f"umap_modality.{k}")).astype(int) if f"umap_modality.{k}" in v.arrays else np.full(n, -1)
+    lab = np.asarray(v.array(f"umap_label.{k}")).astype(int) if f"umap_label.{k}" in v.arrays else np.full(n, -1)
+    if len(mod) != n or len(lab) != n:
+        raise ValueError(f"umap.{k} has {n} points but its modality / label arrays have {len(mod)} / {len(lab)}")
+    classes = label_names(v)
+    return pd.DataFrame({
+        "x": xy[:, 0], "y": xy[:, 1], "point": np.arange(n),
+        "modality": [{0: "image", 1: "text"}.get(int(m), "?") for m in mod],
+        "label": ["none" if c < 0 else classes[c] if c < len(classes) else str(c) for c in lab]})
+
+
+def umap_chart(df: pd.DataFrame, colour: str, title: str, size: int = 420, label: str = "label",
+               zoom: str = "zoom") -> alt.Chart:
+    """An interactive scatter (zoom and pan, the selection `zoom`; hover for the point) coloured by
+    ``modality`` or ``label`` (then the modality is the marker's shape)."""
+    enc: dict[str, Any] = {
+        "x": alt.X("x:Q", axis=None), "y": alt.Y("y:Q", axis=None),
+        "tooltip": ["point:Q", "modality:N", alt.Tooltip("label:N", title=label)]}
+    if colour == "modality":
+        enc["color"] = alt.Color("modality:N", scale=alt.Scale(domain=["image", "text"], range=["#4c78a8", "#f58518"]))
+    else:
+        enc["color"] = alt.Color("label:N", title=label)
+        enc["shape"] = alt.Shape("modality:N", scale=alt.Scale(domain=["image", "text"], range=["circle", "triangle"]))
+    return (alt.Chart(df).mark_point(size=28, filled=True, opacity=0.75).encode(**enc)
+            .add_params(alt.selection_interval(bind="scales", name=zoom)).properties(title=title, height=size))
+
+
+def umap_panel(v: RunView, ctl: dict[str, Any]) -> None:
+    """One run's UMAP of the chosen layer pair, coloured as chosen, with that pair's gap and separability."""
+    df = representation_frame(v)
+    k = int(ctl["pair"])
+    if k >= len(df) or f"umap.{k}" not in v.arrays:
+        st.info(f"This run has no UMAP for layer pair {k}" + (" (it was run with --no-umap)" if not df["umap"].any()
+                                                             else "") + ".")
+        return
+    row = df.iloc[k]
+    what = str(v.field("label", "label"))
+    chart(umap_chart(umap_points(v, k), ctl["colour"], f"{row['pair']}: image and text tokens, by "
+                     + ("modality" if ctl["colour"] == "modality" else what), label=what), margin=80)
+    st.caption(f"{row['pair']}: modality gap {row['gap']:.3f}, separability {row['separability']:.3f} "
+               "(both in the original space)")
+
+
+def umap_every_layer(v: RunView, colour: str, limit: int = 16) -> None:
+    """The UMAP of every layer pair (up to `limit`), small, coloured alike: how the modalities
+    separate or mix with depth."""
+    df = representation_frame(v)
+    ks = [k for k in range(len(df)) if df["umap"].iloc[k]][:limit]
+    if len(ks) < 2:
+        return
+    what = str(v.field("label", "label"))
+    charts = [umap_chart(umap_points(v, k), colour, str(df["pair"].iloc[k]), size=200, label=what, zoom=f"zoom{k}")
+              .properties(width=200) for k in ks]
+    chart(alt.concat(*charts, columns=4).resolve_scale(color="shared", shape="shared"), width="content")
+
+
+def umap_controls(v: RunView, key: str) -> dict[str, Any]:
+    df = representation_frame(v)
+    pairs = [k for k in range(len(df)) if df["umap"].iloc[k]] or list(range(len(df)))
+    what = str(v.field("label", "label"))
+    c1, c2 = st.columns(2)
+    with c1:
+        k = ui.sticky(st.selectbox, "Layer", pairs, f"{key}.pair", format_func=lambda i: str(df["pair"].iloc[i]))
+    with c2:
+        colour = ui.sticky(st.radio, "Colour by", ["modality", "label"], f"{key}.colour", horizontal=True,
+                           format_func=lambda c: "modality (image / text)" if c == "modality" else f"label ({what})")
+    return {"pair": k if k is not None else 0, "colour": colour}
+
+
+# ------------------------------------------------------------------------------ logit lens
+def lens_tokens(v: RunView, image: int, layer: int) -> list[str]:
+    """The lens's top-1 token per patch (row-major) of one image at one layer index, as strings."""
+    ids = np.asarray(v.array("lens.image.top1", image, layer)).astype(int).ravel()
+    vocab = v.field("vocab") or {}
+    return [str(vocab.get(str(t), f"#{t}")) for t in ids]
+
+
+def lens_patch_view(v: RunView, key: str) -> None:
+    """The per-patch top-1 lens token drawn over the image, per layer, and the most frequent tokens."""
+    shape = v.shape("lens.image.top1")
+    if shape is None or len(shape) != 3 or 0 in shape:
+        st.caption("This run read no visual tokens (a model whose image tokens are not in the decoder stream).")
+        return
+    layers = [int(i) for i in v.field("layers") or []]
+    layers = layers if len(layers) == shape[1] else list(range(shape[1]))
+    st.subheader("What each patch says at each layer")
+    c1, c2 = st.columns([1, 1])
+    with c1:
+        image = ui.image_picker(v, f"{key}.image")
+    with c2:
+        li = ui.sticky(st.selectbox, "Layer", list(range(len(layers))), f"{key}.layer",
+                       format_func=lambda i: f"layer {layers[i]}")
+    image = min(image, shape[0] - 1)
+    n = shape[2]
+    side = int(round(np.sqrt(n)))
+    grid = (side, n // side) if side and side * (n // side) == n else (1, n)
+    img = v.image(image)
+    toks = lens_tokens(v, image, li)
+    caps = v.field("captions") or []
+    cap = f" (caption: {caps[image]})" if image < len(caps) else ""
+    show_png(render.token_grid(img, toks, grid, title=f"layer {layers[li]}: the lens's top-1 token per patch"),
+             caption=f"image {image}, layer {layers[li]}: top-1 token per patch{cap}")
+    recs = []
+    for j, layer in enumerate(layers):
+        counts = pd.Series(lens_tokens(v, image, j)).value_counts()
+        recs.append({"layer": f"layer {layer}", "most frequent top-1 tokens (patches)":
+                     ", ".join(f"{t!r} ({c})" for t, c in counts.head(6).items())})
+    st.dataframe(pd.DataFrame(recs), hide_index=True, width="stretch")

@@ -159,8 +159,9 @@ class RunStore:
 
     def list(self, *, clean: bool = True) -> list[Run]:
         """Every run, newest first, broken ones last; the result is not loaded (None). A run is a
-        folder holding a ``manifest.json`` (or a link in the store's top level); other folders are
-        not runs and are neither listed nor ever deleted.
+        folder probe wrote holding a ``manifest.json`` (or a link named like a generated run id, or
+        leading to a folder probe wrote); other folders and links are not runs and are neither
+        listed nor ever deleted.
 
         Never raises for one bad run: it is listed with ``status="broken"`` and its `problem`.
         Staging folders left by crashed saves and deletes more than a day ago are removed, unless
@@ -204,6 +205,16 @@ class RunStore:
                                  f"delete it with `probe runs --delete {run_id}`")
         return Run(run_id, p, manifest, result, _figures(p))
 
+    def is_probe_run(self, run_id: str) -> bool:
+        """Whether `run_id` is positively a run probe wrote: a real folder (not a link) in the store
+        holding probe's output marker, or a probe manifest naming this id. Never raises; viewers
+        offer to delete only such runs (`delete` also removes broken entries and links)."""
+        try:
+            p = self.root / _check_id(run_id)
+        except RunIdError:
+            return False
+        return not p.is_symlink() and p.is_dir() and _written_by_probe(p)
+
     def delete(self, run_id: str) -> None:
         """Remove a run folder, broken or not. A symlinked run loses the link only, never its target."""
         p = self._path(run_id)
@@ -228,8 +239,8 @@ class RunStore:
             BrokenRunError: the run is a symbolic link, or resolves outside the store root.
         """
         p = self._path(run_id)
-        if p.is_symlink():
-            raise BrokenRunError(f"run {run_id} in {self.root} is a symbolic link to {os.readlink(p)}; "
+        if p.is_symlink():  # where it points is not said: it may be outside the store
+            raise BrokenRunError(f"run {run_id} in {self.root} is a symbolic link; "
                                  "runs are real folders in the store, so it is not read")
         if not p.resolve().is_relative_to(self.root.resolve()):
             raise BrokenRunError(f"run {run_id} resolves outside the store {self.root}; it is not read")
@@ -245,9 +256,7 @@ class RunStore:
         """
         p = self.run_path(run_id)
         parts = name.split("/")
-        allowed = name in RUN_FILES or (len(parts) == 2 and parts[0] == "figures" and parts[1].endswith(".png")
-                                        and RUN_ID_RE.fullmatch(parts[1]) is not None
-                                        and not parts[1].startswith("."))
+        allowed = name in RUN_FILES or (len(parts) == 2 and parts[0] == "figures" and figure_name_ok(parts[1]))
         if not allowed:
             raise BrokenRunError(f"{name!r} is not a file of a run ({', '.join(RUN_FILES)} or figures/NAME.png)")
         f = p.joinpath(*parts)
@@ -345,10 +354,10 @@ class RunStore:
         """The folder of an existing run; refuses ids that are not plain names in the store."""
         p = self.root / _check_id(run_id)
         if p.is_dir() and not _is_run(p):
-            raise UnknownRunError(f"{p} is not a probe run (it has no manifest.json); probe reads and deletes only "
-                                  "its runs")
+            raise UnknownRunError(f"{p} is not a probe run (no manifest.json, or not written by probe); probe reads "
+                                  "and deletes only its runs")
         if not _is_run(p):
-            known = ", ".join(r.id for r in self.list()[:5]) or "none"
+            known = ", ".join(r.id for r in self.list(clean=False)[:5]) or "none"  # a hint never writes
             raise UnknownRunError(f"no run {run_id!r} in {self.root} (recent runs: {known})")
         return p
 
@@ -356,7 +365,7 @@ class RunStore:
         """(manifest, problem) of a run folder: problem is "" for a run that looks complete; the
         manifest is {} unless it was read and fits the schema."""
         if p.is_symlink():
-            return {}, f"is a symbolic link to {os.readlink(p)} (runs are real folders in the store)"
+            return {}, "is a symbolic link (runs are real folders in the store)"
         if not RUN_ID_RE.fullmatch(p.name):  # a folder someone named by hand
             return {}, "folder name is not a run id (letters, digits, '.', '_' and '-'); rename or remove it"
         manifest: Any = {}
@@ -383,15 +392,25 @@ def _ours(p: Path) -> bool:
 
 def _is_run(p: Path) -> bool:
     """A run: a folder holding a ``manifest.json`` (possibly broken) that probe wrote (its output
-    marker, a generated run id, or a probe manifest naming this id); a link in the store is listed
-    as a broken run (deleting it removes the link only). Any other folder is the user's."""
+    marker, a generated run id, or a probe manifest naming this id). A link is listed (as a broken
+    run; deleting it removes the link only) only when its name is a generated run id or it leads to
+    a folder with probe's marker: the user's links (``bin -> usr/bin``) are not runs. Any other
+    folder is the user's."""
     if p.is_symlink():
-        return True
+        return GENERATED_ID_RE.fullmatch(p.name) is not None or (p / MARKER).is_file()
     m = p / "manifest.json"
     if not p.is_dir() or not (m.is_file() or m.is_symlink()):
         return False
-    if (p / MARKER).is_file() or GENERATED_ID_RE.fullmatch(p.name):
+    return GENERATED_ID_RE.fullmatch(p.name) is not None or _written_by_probe(p)
+
+
+def _written_by_probe(p: Path) -> bool:
+    """A folder holding probe's output marker, or a probe manifest (``manifest_version``) naming its id."""
+    if (p / MARKER).is_file():
         return True
+    m = p / "manifest.json"
+    if m.is_symlink() or not m.is_file():
+        return False
     try:
         d = json.loads(m.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -419,13 +438,19 @@ def _manifest_problem(m: Any) -> str:
     return ""
 
 
+def figure_name_ok(name: str) -> bool:
+    """A figure file name `RunStore.run_file` accepts: ``NAME.png``, a plain run-id-like name."""
+    return name.endswith(".png") and RUN_ID_RE.fullmatch(name) is not None and not name.startswith(".")
+
+
 def _figures(p: Path) -> list[Path]:
-    """PNG files of a run's figures/ folder; links, and files that resolve outside the run, are left out."""
-    if p.is_symlink():
+    """PNG files of a run's figures/ folder that `RunStore.run_file` would read; links, folders,
+    odd names and files that resolve outside the run are left out."""
+    if p.is_symlink() or (p / "figures").is_symlink():
         return []
     root = p.resolve()
     return sorted(f for f in (p / "figures").glob("*.png")
-                  if not f.is_symlink() and f.is_file() and f.resolve().is_relative_to(root))
+                  if figure_name_ok(f.name) and not f.is_symlink() and f.is_file() and f.resolve().is_relative_to(root))
 
 
 def _one_line(e: BaseException) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import probe  # noqa: F401  (registers models and analyses)
+from probe import docs
 from probe.io import atomic_write_text
 from probe.pipeline import RunSpec, execute
 
@@ -69,17 +70,11 @@ def render(data: dict[str, Any]) -> str:
 
 
 def readme_block(text: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"README.md lacks the {START} / {END} markers")
-    return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    return docs.readme_block(text, START, END) + "\n"
 
 
 def write_readme(data: dict[str, Any]) -> None:
-    text = README.read_text()
-    readme_block(text)
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    atomic_write_text(README, f"{head}{START}\n{render(data)}{END}{tail}")
+    docs.write_readme_block(README, START, END, render(data))
 
 
 def main(argv: list[str] | None = None) -> int:

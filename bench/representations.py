@@ -80,12 +80,9 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_readme(data: dict[str, Any]) -> None:
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    from probe.io import atomic_write_text
+    from probe import docs  # this script measures memory in child processes: keep its own start-up light
 
-    atomic_write_text(README, f"{head}{START}\n{render(data)}{END}{tail}")
+    docs.write_readme_block(README, START, END, render(data))
 
 
 def main(argv: list[str] | None = None) -> int:

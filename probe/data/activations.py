@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,8 +301,3 @@ def own_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.name in (PLAN_FILE, INDEX_FILE) or SHARD_RE.fullmatch(p.name)
                   or TEMP_RE.fullmatch(p.name))
 
-
-def concat_rows(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate chunk tensors by name (the in-memory counterpart of reading every shard)."""
-    names: Iterable[str] = dict.fromkeys(n for p in parts for n in p)
-    return {n: torch.cat([p[n] for p in parts if n in p]) for n in names}

@@ -293,3 +293,17 @@ def test_image_folders_are_unlabelled_and_probe_shapes_folders_are_labelled(tmp_
     assert (ds.rows("cls")["colour"] == -1).all()
     a = capture_set(vit, str(folder), tmp_path / "from-folder", groups=["object"], progress=False)
     assert a.labelled and (a.rows("object")["colour"] >= 0).all()
+
+
+def test_a_corrupt_index_or_plan_is_named_in_one_line(tmp_path):
+    from probe.data.activations import INDEX_FILE, ActivationSetError, open_activations, read_plan
+
+    (tmp_path / INDEX_FILE).write_text("{bad")
+    with pytest.raises(ActivationSetError, match=f"{INDEX_FILE} cannot be read"):
+        open_activations(tmp_path)
+    (tmp_path / INDEX_FILE).write_text("[1, 2]")
+    with pytest.raises(ActivationSetError, match="not a JSON object"):
+        open_activations(tmp_path)
+    (tmp_path / "capture.json").write_text("\xff not json")
+    with pytest.raises(ActivationSetError, match="cannot be read"):
+        read_plan(tmp_path)

@@ -153,9 +153,21 @@ def write_plan(folder: Path, plan: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / PLAN_FILE, json.dumps(plan, indent=1, sort_keys=True))
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of an activation set; a corrupt one is named in one line."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ActivationSetError(f"{path} cannot be read ({type(e).__name__}: {e}); capture the data set again "
+                                 "(probe capture --force)") from None
+    if not isinstance(data, dict):
+        raise ActivationSetError(f"{path} is not a JSON object; capture the data set again (probe capture --force)")
+    return data
+
+
 def read_plan(folder: Path) -> dict[str, Any] | None:
     p = Path(folder) / PLAN_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
+    return _read_json(p) if p.is_file() else None
 
 
 @dataclass
@@ -269,7 +281,7 @@ def open_activations(folder: str | Path) -> ActivationSet:
                                      "`probe capture` command again to resume it")
         raise ActivationSetError(f"{folder} is not an activation data set (no {INDEX_FILE}); write one with "
                                  "`probe capture --model M --data shapes:N --out DIR`")
-    index = json.loads(idx.read_text())
+    index = _read_json(idx)
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ActivationSetError(f"{folder}: {INDEX_FILE} is format {index.get('format')!r} version "
                                  f"{index.get('version')!r}; this probe reads {FORMAT} version {VERSION}: capture "

@@ -7,6 +7,7 @@ from probe.analyses import (
     attention_flow,
     attribution,
     ca_params,
+    efficiency,
     explain,
     faithfulness,
     flow,
@@ -18,5 +19,5 @@ from probe.analyses import (
     rollout,
 )
 
-__all__ = ["ablation", "attention", "attention_flow", "attribution", "ca_params", "explain", "faithfulness", "flow",
+__all__ = ["ablation", "attention", "attention_flow", "attribution", "ca_params", "efficiency", "explain", "faithfulness", "flow",
            "logit_lens", "patching", "probes", "relevancy", "representations", "rollout"]

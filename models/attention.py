@@ -144,13 +144,16 @@ class LinformerAttention(_Attention):
                 f"linformer attention was built for {self.cfg.seq_len} tokens, got {n}: "
                 "resize images to the model's image size (the adapter's preprocess does this)"
             )
-        q, k, v = self.qkv_heads(x)
-        E, Fm = self.E.unsqueeze(0), self.F.unsqueeze(0)  # (1, k, n)
+        E, Fm = self.E, self.F  # (k, n)
         keep = sites.key_keep(self, b, n, x.device)
         if keep is not None:
-            E, Fm = E * keep[:, None, :].to(E.dtype), Fm * keep[:, None, :].to(Fm.dtype)
-        kp = torch.einsum("bkn,bhnd->bhkd", E.expand(b, -1, -1), k)
-        vp = torch.einsum("bkn,bhnd->bhkd", Fm.expand(b, -1, -1), v)
+            E, Fm = E * keep[:, None, :].to(E.dtype), Fm * keep[:, None, :].to(Fm.dtype)  # (b, k, n)
+        # E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T: project along the sequence first, so the key
+        # and value projections run on k rows instead of n (the k_proj/v_proj modules' own forward
+        # hooks therefore do not fire; their weights are used directly)
+        kp = self._projected(E, x, self.k_proj)
+        vp = self._projected(Fm, x, self.v_proj)
+        q = self.split(self.q_proj(x))
         P = torch.softmax(torch.matmul(q, kp.transpose(-1, -2)) * self.scale, dim=-1)
         out = torch.matmul(F.dropout(P, self.cfg.dropout, self.training), vp)
         if sites.wants_pattern(self) or sites.wants_grad(self):
@@ -162,8 +165,16 @@ class LinformerAttention(_Attention):
 
             source = PatternSource(compute=effective, approximate=True, n_heads=self.heads)
             sites.emit_pattern(self, source)
-            out = sites.attend(self, source, v, out)
+            out = sites.attend(self, source, self.split(self.v_proj(x)), out)
         return self.merge(out)
+
+    def _projected(self, proj: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """(k, n) or (b, k, n) sequence projection of ``lin(x)``, as (b, heads, k, head_dim)."""
+        px = torch.matmul(proj, x)  # (b, k, dim)
+        y = F.linear(px, lin.weight)
+        if lin.bias is not None:
+            y = y + proj.sum(-1, keepdim=True) * lin.bias
+        return self.split(y)
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -211,6 +222,14 @@ class PerformerAttention(_Attention):
             stab = wx.amax(dim=(-1, -2), keepdim=True)
         return torch.exp(wx - sq - stab.detach()) / math.sqrt(self.m)
 
+    def _phi(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        """`features` up to a positive constant per (batch, head), which cancels in ``D^-1``: the
+        ``1 / sqrt(m)`` is dropped and the subtraction and exp run in place (one pass each)."""
+        c = self.head_dim**-0.25
+        wx = torch.matmul(x, (self.W * c).T.to(x.dtype))
+        stab = wx.amax(dim=-1 if is_query else (-1, -2), keepdim=True).detach()
+        return wx.sub_((0.5 * c * c) * (x * x).sum(-1, keepdim=True) + stab).exp_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.performer_redraw:
             self._calls += 1
@@ -218,13 +237,14 @@ class PerformerAttention(_Attention):
                 self.redraw_features()
         b, n, _ = x.shape
         q, k, v = self.qkv_heads(x)
-        pq, pk = self.features(q, True), self.features(k, False)
+        pq, pk = self._phi(q, True), self._phi(k, False)
         keep = sites.key_keep(self, b, n, x.device)
         if keep is not None:
             pk = pk * keep[:, None, :, None].to(pk.dtype)
-        kv = torch.matmul(pk.transpose(-1, -2), v)  # (b, h, m, d)
-        denom = torch.matmul(pq, pk.sum(dim=2, keepdim=True).transpose(-1, -2))  # (b, h, n, 1)
-        out = torch.matmul(pq, kv) / denom.clamp_min(1e-30)
+        # numerator and denominator D in one product: phi(K)^T [V | 1]
+        kv = torch.matmul(pk.transpose(-1, -2), F.pad(v, (0, 1), value=1.0))  # (b, h, m, d + 1)
+        num = torch.matmul(pq, kv)  # (b, h, n, d + 1)
+        out = num[..., :-1] / num[..., -1:].clamp_min(1e-30)
         if sites.wants_pattern(self) or sites.wants_grad(self):
 
             def effective(heads: Index, rows: Index) -> torch.Tensor:
@@ -268,23 +288,37 @@ class NystromAttention(_Attention):
     def landmarks(self, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(b, h, n, d) -> (b, h, m, d) segment means; with a bool keep (b, n), means over the kept
         tokens of each segment only (a segment with none kept is 0), so a removed token's content
-        reaches no landmark."""
-        if keep is None:
-            return torch.stack([s.mean(dim=2) for s in torch.tensor_split(t, self.m, dim=2)], dim=2)
-        w = keep[:, None, :, None].to(t.dtype)
-        sums = [s.sum(dim=2) for s in torch.tensor_split(t * w, self.m, dim=2)]
-        counts = [c.sum(dim=2).clamp_min(1) for c in torch.tensor_split(w, self.m, dim=2)]
-        return torch.stack([a / c for a, c in zip(sums, counts, strict=True)], dim=2)
+        reaches no landmark. Segments are `torch.tensor_split`'s (the first n % m one longer)."""
+        return torch.matmul(self._averaging(t.shape[2], t, keep), t)
+
+    def _scaled_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q / sqrt(d), k, v)``, each contiguous (batch, heads, n, head_dim), from one fused
+        projection with the scale folded into the query weights (the q/k/v_proj modules' own forward
+        hooks therefore do not fire; their parameters are used directly)."""
+        b, n, _ = x.shape
+        w = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, w, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        return qkv[0], qkv[1], qkv[2]
+
+    def _averaging(self, n: int, like: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """(m, n), or (b, 1, m, n) with `keep`: row s averages segment s (one matmul, not m means)."""
+        ids = torch.arange(self.m, device=like.device)
+        sizes = n // self.m + (ids < n % self.m).long()
+        member = (torch.repeat_interleave(ids, sizes)[None, :] == ids[:, None]).to(like.dtype)  # (m, n)
+        if keep is not None:
+            member = member * keep[:, None, None, :].to(like.dtype)
+        return member / member.sum(-1, keepdim=True).clamp_min(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv_heads(x)
+        q, k, v = self._scaled_qkv(x)  # q carries the 1/sqrt(d)
         keep = sites.key_keep(self, b, n, x.device)
-        qt, kt = self.landmarks(q, keep), self.landmarks(k, keep)
-        s = self.scale
-        Fm = torch.softmax(q @ kt.transpose(-1, -2) * s, dim=-1)
-        A = torch.softmax(qt @ kt.transpose(-1, -2) * s, dim=-1)
-        scores_b = qt @ k.transpose(-1, -2) * s
+        avg = self._averaging(n, q, keep)
+        qt, kt = torch.matmul(avg, q), torch.matmul(avg, k)
+        Fm = torch.softmax(q @ kt.transpose(-1, -2), dim=-1)
+        A = torch.softmax(qt @ kt.transpose(-1, -2), dim=-1)
+        scores_b = qt @ k.transpose(-1, -2)
         if keep is not None:
             scores_b = scores_b + keep_to_additive(keep, scores_b.dtype)
         B = torch.softmax(scores_b, dim=-1)
@@ -390,9 +424,8 @@ class HybridAttention(_Attention):
         w_pre = torch.softmax(s_pre.clamp_min(lowest), dim=-1)
         if keep is not None:  # no key left: read nothing
             w_pre = w_pre * keep.any(-1).to(w_pre.dtype)[:, None, None, None]
+        s, vg, shifts = self._band_scores(q, k, v)  # (b, h, P, prefix + K)
         idx = self.band_index
-        kg, vg = k[:, :, idx], v[:, :, idx]  # (b, h, P, K, d)
-        s = (q[:, :, pre:, None, :] * kg).sum(-1) * self.scale  # (b, h, P, K)
         ok = self.band_valid[None, None] if keep is None else self.band_valid & keep[:, idx][:, None]
         # off-grid slots get -inf (never weighted); removed keys the finite minimum, so a query
         # whose window keys are all removed stays finite (uniform over its window)
@@ -400,8 +433,40 @@ class HybridAttention(_Attention):
         w = torch.softmax(s, dim=-1)
         if keep is not None:
             w = w * ok.any(-1, keepdim=True).to(w.dtype)
-        out = torch.cat([w_pre @ v, (w[..., None] * vg).sum(-2)], dim=2)
+        b, h = q.shape[:2]
+        rows, cols = self.cfg.grid
+        out_p = torch.matmul(w[..., :pre], v[:, :, :pre]).view(b, h, rows, cols, -1)
+        wg = w.view(b, h, rows, cols, -1)
+        for o, (di, dj) in enumerate(shifts):
+            out_p.addcmul_(wg[..., pre + o:pre + o + 1], vg[:, :, di:di + rows, dj:dj + cols])
+        out = torch.cat([w_pre @ v, out_p.view(b, h, rows * cols, -1)], dim=2)
         return out, w, w_pre
+
+    def _band_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Scaled scores of every patch query against its band (b, h, P, prefix + K), in the order of
+        `band_index`, the zero-padded value grid (b, h, rows + 2p, cols + 2p, d) and the K window
+        offsets as start indices into it.
+
+        Each window offset is a shifted view of the zero-padded key grid, so the scores cost
+        O(n * K * d) with no (n, K, d) gather; off-grid slots read padding (masked by the caller).
+        """
+        c = self.cfg
+        pre, (rows, cols) = c.prefix_tokens, c.grid
+        b, h, _, d = q.shape
+        pad = c.hybrid_window * c.hybrid_dilation
+        qp = q[:, :, pre:] * self.scale  # (b, h, P, d)
+        grid = (b, h, rows, cols, d)
+        qg = qp.reshape(grid)
+        kg = F.pad(k[:, :, pre:].reshape(grid), (0, 0, pad, pad, pad, pad))
+        vg = F.pad(v[:, :, pre:].reshape(grid), (0, 0, pad, pad, pad, pad))
+        offs = [pad + i * c.hybrid_dilation for i in range(-c.hybrid_window, c.hybrid_window + 1)]
+        shifts = [(di, dj) for di in offs for dj in offs]  # row offset outer: `dilated_window_neighbours`
+        s = torch.empty(b, h, rows, cols, pre + len(shifts), dtype=q.dtype, device=q.device)
+        s[..., :pre] = torch.matmul(qp, k[:, :, :pre].transpose(-1, -2)).view(b, h, rows, cols, pre)
+        for o, (di, dj) in enumerate(shifts):
+            s[..., pre + o] = (qg * kg[:, :, di:di + rows, dj:dj + cols]).sum(-1)
+        return s.view(b, h, rows * cols, -1), vg, shifts
 
     def _dense_local(self, w: torch.Tensor, w_pre: torch.Tensor, rows: Index = None) -> torch.Tensor:
         """(b, h, rows, n) local weights of the query rows `rows` (None: all) from the banded ones."""

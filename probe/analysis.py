@@ -114,6 +114,19 @@ def to_params(params_cls: type, values: dict[str, Any] | Any) -> Any:
     return validate(params_cls(**values))
 
 
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What an analysis that loads no model (``loads_model = False``) runs on."""
+
+    device: Any
+    dtype: Any
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "none", "note": "the analysis builds its own modules", "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+
 class Analysis(abc.ABC):
     """Base of every analysis. Subclasses set the class attributes and implement `run`.
 
@@ -125,6 +138,9 @@ class Analysis(abc.ABC):
         requires: hook globs the model must offer (checked after it loads).
         reads_images: whether `run` takes images (False: it gets ``inputs=None``).
         many_models: whether `run` takes a list of adapters (``--model all`` or ``a,b``).
+        loads_model: False for a study that builds its own modules (the efficiency study): no
+            model loads, ``--model``/``--weights`` are refused and `run` gets a `Bench` (the
+            run's device, dtype and seed) instead of an adapter.
         default_images: ``bundled`` (the sample images) or ``shapes`` (probe-shapes test images
             with masks and ground truth) when the user gives none.
         default_task: without ``--model``, the registry's default model for this task runs (the
@@ -144,6 +160,7 @@ class Analysis(abc.ABC):
     #: True when `check_architecture` needs the meta-built model even without `requires`
     checks_architecture: ClassVar[bool] = False
     many_models: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = True
     default_images: ClassVar[str] = "bundled"
     default_task: ClassVar[str] = "classify"
 

@@ -51,13 +51,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_common(p: argparse.ArgumentParser, analysis: Analysis) -> None:
-    if analysis.many_models:
+    if not analysis.loads_model:  # builds its own modules: --model/--weights would be refused
+        p.set_defaults(model=None, weights="auto")
+    elif analysis.many_models:
         default = "all (every model it applies to), or a comma-separated list"
     else:
         default = registry.default_model(analysis.task or analysis.default_task)
-    p.add_argument("--model", default=None, help=f"registered model (default: {default}); see `probe models`")
-    p.add_argument("--weights", default="auto",
-                   help="auto | random | pretrained | demo | meta | a hub id | a local folder (default auto)")
+    if analysis.loads_model:
+        p.add_argument("--model", default=None, help=f"registered model (default: {default}); see `probe models`")
+        p.add_argument("--weights", default="auto",
+                       help="auto | random | pretrained | demo | meta | a hub id | a local folder (default auto)")
     if analysis.reads_images:
         p.add_argument("--images", nargs="+", metavar="PATH", default=(),
                        help="image files or folders (default: " + ("16 probe-shapes test images"

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from probe import registry
-from probe.analysis import Analysis, to_params
+from probe.analysis import Analysis, Bench, to_params
 from probe.data import ImageSet
 from probe.runs.results import Result
 from probe.runs.store import Run, RunStore
@@ -122,7 +122,13 @@ def plan(spec: RunSpec) -> Plan:
         raise ProbeError(f"--out {str(spec.store)!r}: give a folder for the run store")
     if spec.model is not None and (not isinstance(spec.model, str) or not spec.model.strip()):
         raise ProbeError(f"--model {spec.model!r}: give a registered model name (see `probe models`)")
-    if analysis.many_models:
+    if not analysis.loads_model:
+        if spec.model is not None:
+            raise ProbeError(f"{analysis.name} builds its own modules and loads no model; drop --model")
+        if spec.weights not in ("auto", "random"):
+            raise ProbeError(f"{analysis.name} builds its own modules with random weights; drop --weights")
+        names: list[str] = []
+    elif analysis.many_models:
         if spec.model in (None, "all"):
             names = [n for n, e in registry.models(analysis.task).items() if not analysis.check(n, e.capabilities)]
         else:
@@ -177,7 +183,10 @@ def execute(spec: RunSpec) -> Outcome:
         why = analysis.check_hooks(a.name, a.hook_specs())  # a checkpoint folder may differ from the family's
         if why:
             raise ProbeError(why)
-    subject = adapters if analysis.many_models else adapters[0]
+    if not analysis.loads_model:
+        subject: Any = Bench(device, dtype, spec.seed)
+    else:
+        subject = adapters if analysis.many_models else adapters[0]
     params = analysis.resolve(subject, params)
     p = dataclasses.replace(p, params=params)
     t1 = time.perf_counter()
@@ -204,6 +213,12 @@ def _check_finite(result: Result, spec: RunSpec) -> None:
 
 def _manifest(spec: RunSpec, p: Plan, adapters: list[Any], inputs: ImageSet | None, weights: str,
               device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+    if not adapters:  # a study that builds its own modules (`Analysis.loads_model`)
+        bench = Bench(device, DTYPES[spec.dtype], spec.seed)
+        return {"analysis": p.analysis.name, "model": bench.describe(), "weights": {"source": "random"},
+                "weights_requested": spec.weights, "weights_loaded": "random", "attn_implementation": None,
+                "dtype": spec.dtype, "device": str(device), "seed": spec.seed, "images": [],
+                "parameters": asdict(p.params), "timings_s": {k: round(v, 4) for k, v in timings.items()}}
     one = adapters[0]
     model = one.describe() if len(adapters) == 1 else {"name": "+".join(p.models),
                                                        "models": [a.describe() for a in adapters]}

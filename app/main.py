@@ -74,6 +74,7 @@ pages = {
         st.Page("app_pages/probes.py", title="Probes", icon=":material/query_stats:", url_path="probes"),
         st.Page("app_pages/umap.py", title="UMAP and modality gap", icon=":material/scatter_plot:", url_path="umap"),
         st.Page("app_pages/logit_lens.py", title="Logit lens", icon=":material/translate:", url_path="logit-lens"),
+        st.Page("app_pages/efficiency.py", title="Efficiency", icon=":material/speed:", url_path="efficiency"),
     ],
 }
 st.navigation(pages, expanded=True).run()  # every page listed (not "View 3 more")

@@ -25,7 +25,7 @@ from probe.io import MARKER
 
 APP = str(Path(__file__).parents[1] / "app" / "main.py")
 PAGES = ["runs", "attention", "flow", "ablation", "attribution", "faithfulness", "patching", "cross_attention",
-         "probes", "umap", "logit_lens", "compare", "generic"]
+         "probes", "umap", "logit_lens", "efficiency", "compare", "generic"]
 TIMEOUT = 60
 
 RUNS = {  # analysis flags: the smallest settings that exercise each view
@@ -47,6 +47,8 @@ RUNS = {  # analysis flags: the smallest settings that exercise each view
                        "--n-boot", "50"],
     "representations": ["--model", "git", "--data", "shapes:8"],  # UMAP: numba compiles on the first fit (~25 s)
     "logit-lens": ["--model", "git", "--shapes", "2"],
+    "efficiency": ["--tokens", "17,65", "--dim", "32", "--heads", "4", "--rounds", "1", "--linformer-k", "8",
+                   "--performer-features", "8", "--nystrom-landmarks", "4", "--patch", "4"],
 }
 PATCHING_ID = "20261124-120000-patching-blip-aaaaaa"
 UMAP_ID = "20261124-120001-umap-blip-bbbbbb"
@@ -415,7 +417,8 @@ def test_pages_read_only_and_never_load_a_model(store, monkeypatch):
                       ("ablation", REMOVED_ID), ("attribution", ids["attribution"]),
                       ("faithfulness", ids["faithfulness"]), ("patching", PATCHING_ID), ("cross_attention", None),
                       ("probes", ids["probes-patches"]), ("umap", ids["representations"]),
-                      ("logit_lens", ids["logit-lens"]), ("compare", None), ("generic", UMAP_ID)]:
+                      ("logit_lens", ids["logit-lens"]), ("efficiency", ids["efficiency"]), ("compare", None),
+                      ("generic", UMAP_ID)]:
         at = app(root, page, run=rid)
         assert not at.exception and not at.error, (page, [e.value for e in at.error])
     assert snapshot() == before  # nothing written, not even the stale staging folder cleaned
@@ -510,7 +513,7 @@ def test_runs_page_links_every_kind_to_its_page(store):
     ids = store["ids"]
     at = app(store["root"], "runs")
     for kind, title in (("probes", "Probes"), ("representations", "UMAP and modality gap"),
-                        ("logit-lens", "Logit lens"), ("attention", "Attention")):
+                        ("logit-lens", "Logit lens"), ("efficiency", "Efficiency"), ("attention", "Attention")):
         at.selectbox(key="runs.run").set_value(ids[kind]).run()
         assert any(link.label == f"Open it on the {title} page" for link in at.get("page_link")), kind
 
@@ -761,3 +764,21 @@ def test_compare_subtracts_only_the_same_head_choice(odd_store):
     at.selectbox(key="compare.att.head").set_value("max").run()
     (diff,) = [c for c in captions(at) if c.startswith("A - B")]
     assert "A: max over heads, B: max (fused at capture)" in diff and "mean |difference| 0.0000" in diff
+
+
+# ------------------------------------------------------------------------------ issue 16: the efficiency study
+def test_efficiency_page_reads_the_rows_of_the_study(store):
+    at = app(store["root"], "efficiency", run=store["ids"]["efficiency"])
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[-1].value
+    assert set(table["kind"]) == {"standard", "merged_qkv", "linformer", "performer", "nystrom", "hybrid"}
+    assert {"nystrom-attention", "linformer", "performer-pytorch"} <= set(table["implementation"])
+    ours = table[table["implementation"] == "probe"]
+    assert (ours["flops"] == ours["flops_closed_form"]).all()
+    specs = [e.proto.spec for e in at.get("vega_lite_chart")]
+    assert len(specs) == 2 and "forward speed-up" in specs[0] and "peak forward memory" in specs[1]
+    at.radio(key="efficiency.scope").set_value("vit").run()
+    assert not at.exception
+    vit = at.dataframe[-1].value
+    assert set(vit["implementation"]) == {"probe"} and (vit["image_size"] > 0).all()
+    assert (vit["flops"] == vit["flops_closed_form"]).all()

@@ -39,6 +39,7 @@ PAGE_OF = {
     "probes": "app_pages/probes.py",
     "representations": "app_pages/umap.py",
     "logit-lens": "app_pages/logit_lens.py",
+    "efficiency": "app_pages/efficiency.py",
 }
 GENERIC_PAGE = "app_pages/generic.py"
 PAGE_TITLE = {"app_pages/attention.py": "Attention", "app_pages/flow.py": "Flow and tokens",
@@ -46,7 +47,7 @@ PAGE_TITLE = {"app_pages/attention.py": "Attention", "app_pages/flow.py": "Flow 
               "app_pages/faithfulness.py": "Faithfulness", "app_pages/patching.py": "Patching",
               "app_pages/cross_attention.py": "Cross-attention and fusion", "app_pages/probes.py": "Probes",
               "app_pages/umap.py": "UMAP and modality gap", "app_pages/logit_lens.py": "Logit lens",
-              GENERIC_PAGE: "Any run"}
+              "app_pages/efficiency.py": "Efficiency", GENERIC_PAGE: "Any run"}
 
 
 class RunUnreadable(ProbeError):

@@ -84,11 +84,16 @@ class CharCaptioner(Captioner):
         return self.model.head(self.model.norm(resid))
 
     def _generate(self, pixel_values: torch.Tensor, max_new_tokens: int, num_beams: int, **kw: Any) -> torch.Tensor:
-        extra = {k: v for k, v in kw.items() if k not in ("min_new_tokens", "do_sample") or (k == "do_sample" and v)}
+        """Greedy ids (b, new tokens). Options: ``min_new_tokens``, and ``use_cache`` (default True:
+        the decoder's key/value cache, which `EncodeDecodeCaptioner.can_cache` turns off while a
+        position-indexed intervention is active; False re-runs the prefix every step)."""
+        known = ("min_new_tokens", "do_sample", "use_cache")
+        extra = {k: v for k, v in kw.items() if k not in known or (k == "do_sample" and v)}
         if num_beams != 1 or extra:
             raise ValueError(f"our character captioners decode greedily: use num_beams=1 and no generate options "
-                             f"{extra} (min_new_tokens is supported)")
-        return self.model.generate(pixel_values, max_new_tokens, kw.get("min_new_tokens", 0))[:, 1:]
+                             f"{extra} (min_new_tokens and use_cache are supported)")
+        return self.model.generate(pixel_values, max_new_tokens, kw.get("min_new_tokens", 0),
+                                   use_cache=bool(kw.get("use_cache", True)))[:, 1:]
 
     def _encode_text(self, caption: str) -> list[int]:
         return self.tokenizer.encode(caption, bos=False, eos=False)

@@ -6,6 +6,11 @@ Every vision token (the ViT's CLS and its patches) becomes a prefix token throug
 whole prefix and causally to earlier text. Only the projection trains by default (`train_decoder`
 unfreezes the decoder too). Its text->image flow is the prefix span of the joint attention
 (``text.blocks.{i}.attn.pattern``); there is no cross-attention.
+
+Generation keeps each block's keys and values (`DecoderCache`): the first step runs the prefix and
+``<bos>``, every later step only the newest token, whose query row reads the cached keys. Its
+pattern, ``attn.z`` and ``resid_post`` then cover that one query position (batch, heads, 1,
+prefix + text) / (batch, 1, ...), the newest row of what re-running the prefix gives.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from pathlib import Path
 from typing import Any, Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from probe.capture import sites
+from probe.capture.sites import PatternSource, keep_to_additive
 from probe.models.attention import AttentionConfig, StandardAttention
 from probe.models.hf_vit import hf_vit_block
 from probe.models.own_captioners import DEFAULT_CHARS, CharCaptioner
-from probe.models.text import CharTokenizer, EncodeDecodeCaptioner
+from probe.models.text import CharTokenizer, DecoderCache, EncodeDecodeCaptioner, keep_extends
 from probe.registry import register_model
 from probe.types import (
     FUSION_PROJ,
@@ -66,19 +74,51 @@ class DecoderBlock(nn.Module):
         self.attn = StandardAttention(AttentionConfig(dim=dim, heads=heads, seq_len=n))
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict[str, Any] | None = None
+                ) -> torch.Tensor:
+        """x (b, n, d) -> (b, n, d). `mask`: bool (n, keys), True where a query may attend (None:
+        every key). With a `cache` (a `DecoderCache` layer), `x` holds the new positions only,
+        attending to the cached keys and values too (keys = cached + n)."""
+        h = self.norm1(x)
+        x = x + (self.attn(h, attn_mask=mask) if cache is None else cached_attention(self.attn, h, mask, cache))
         return x + self.mlp(self.norm2(x))
 
 
-def joint_mask(n_prefix: int, n_text: int, device: torch.device | None = None) -> torch.Tensor:
-    """Bool (n, n), True where a query may attend: prefix<->prefix, text->prefix, text->earlier text."""
+def cached_attention(attn: StandardAttention, x: torch.Tensor, allowed: torch.Tensor | None,
+                     cache: dict[str, Any]) -> torch.Tensor:
+    """`StandardAttention.forward` for new positions `x` (b, n, d) over the keys and values held in
+    `cache` (``k``, ``v``: (b, heads, past, head_dim)) plus their own, which are appended to it.
+
+    `allowed`: bool (n, past + n), the new query rows of the joint mask (None: every key, as for
+    the newest text token). ``cache["keep"]``: the key mask of interventions over all past + n keys
+    (bool (b, past + n) or None), read by the caller from `sites.key_keep` before any block runs.
+    The pattern is emitted for the new query rows only.
+    """
+    q, k, v = attn.qkv_heads(x)
+    if "k" in cache:
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+    cache["k"], cache["v"] = k, v
+    keep = cache.get("keep")
+    low = torch.finfo(q.dtype).min
+    mask = None if keep is None else keep_to_additive(keep, q.dtype)
+    if allowed is not None:
+        add = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device).masked_fill_(~allowed.to(x.device), low)
+        mask = add if mask is None else (mask + add).clamp_min(low)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if sites.wants_pattern(attn) or sites.wants_grad(attn):
+        source = PatternSource(q, k, attn.scale, mask)
+        sites.emit_pattern(attn, source)
+        out = sites.attend(attn, source, v, out)
+    return attn.merge(out)
+
+
+def joint_mask(n_prefix: int, n_text: int, device: torch.device | None = None, first_row: int = 0) -> torch.Tensor:
+    """Bool (n - first_row, n), True where a query may attend: prefix<->prefix, text->prefix,
+    text->earlier text; rows are the query positions from `first_row` on (n = n_prefix + n_text)."""
     n = n_prefix + n_text
-    allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
-    allowed[:n_prefix, :n_prefix] = True
-    allowed[n_prefix:, :n_prefix] = True
-    allowed[n_prefix:, n_prefix:] = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
-    return allowed
+    rows = torch.arange(first_row, n, device=device)[:, None]
+    cols = torch.arange(n, device=device)[None, :]
+    return torch.where(rows < n_prefix, cols < n_prefix, (cols < n_prefix) | (cols <= rows))
 
 
 class PrefixVLM(EncodeDecodeCaptioner):
@@ -122,13 +162,39 @@ class PrefixVLM(EncodeDecodeCaptioner):
             feats = self.vision(pixel_values=pixel_values).last_hidden_state
         return self.proj(feats)
 
-    def decode(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, prefix: torch.Tensor, input_ids: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
+        """prefix (b, n_prefix, d), ids (b, T) -> logits (b, T, vocab); with `cache`, of the text
+        positions it does not hold yet (the prefix too when it is empty), see `EncodeDecodeCaptioner`."""
         nt = self.check_length(input_ids)
+        if cache is not None:
+            return self._decode_cached(prefix, input_ids, cache)
         x = torch.cat([prefix, self.tok_emb(input_ids) + self.pos_emb[:, :nt]], dim=1)
         mask = joint_mask(prefix.shape[1], nt, x.device)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.head(self.norm(x[:, prefix.shape[1] :]))
+
+    def _decode_cached(self, prefix: torch.Tensor, input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        (b, n_p), nt = prefix.shape[:2], input_ids.shape[1]
+        start = cache.start(prefix, input_ids)
+        # the key masks of interventions, read before any block runs: cached rows stay valid only if
+        # the mask on their keys is unchanged (a position list counted from the end moves each step)
+        keeps = [sites.key_keep(blk.attn, b, n_p + nt, prefix.device) for blk in self.blocks]
+        if start and not all(keep_extends(layer.get("keep"), keep, n_p + start)
+                             for layer, keep in zip(cache.layers, keeps, strict=True)):
+            cache.reset()
+            cache.refills += 1
+            start = 0
+        x = self.tok_emb(input_ids[:, start:]) + self.pos_emb[:, start:nt]
+        if start == 0:
+            x = torch.cat([prefix, x], dim=1)
+        # the newest text token alone may attend to every key: no mask
+        mask = None if x.shape[1] == 1 else joint_mask(n_p, nt, x.device, first_row=n_p + nt - x.shape[1])
+        for blk, layer, keep in zip(self.blocks, cache.layers, keeps, strict=True):
+            layer["keep"] = keep
+            x = blk(x, mask, layer)
+        cache.hold(prefix, input_ids)
+        return self.head(self.norm(x[:, x.shape[1] - (nt - start) :]))
 
 
 class PrefixVLMAdapter(CharCaptioner):

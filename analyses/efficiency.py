@@ -110,8 +110,10 @@ def closed_form_flops(kind: str, cfg: AttentionConfig, batch: int = 1) -> int:
         f = proj + 4 * n * n * D
     elif kind == "linformer":
         k = cfg.linformer_k
-        # q and out on n rows; E X and F X (2 k n D each), then k and v projections on k rows
-        f = 4 * n * D * D + 4 * k * n * D + 4 * k * D * D + 4 * n * k * D
+        if k < n:  # q and out on n rows; E X and F X (2 k n D each), then k and v projections on k rows
+            f = 4 * n * D * D + 4 * k * n * D + 4 * k * D * D + 4 * n * k * D
+        else:  # k >= n: the projections on the n tokens, then E (X W_k^T), F (X W_v^T)
+            f = proj + 4 * k * n * D + 4 * n * k * D
     elif kind == "performer":
         m = cfg.performer_features
         # phi(Q), phi(K): n x d @ d x m per head; phi(K)^T [V | 1]; phi(Q) (that)
@@ -304,6 +306,8 @@ def agreement(kind: str, options: dict[str, Any], dim: int, heads: int, seed: in
     """Ours against the reference package with copied weights, on a length where the definitions
     can coincide (a multiple of the landmark count for Nystromformer)."""
     tokens = 4 * options.get("nystrom_landmarks", 16) if kind == "nystrom" else 257
+    heads = min(heads, 4)
+    dim = heads * min(dim // heads, 32)  # a smaller width of the same head count, always divisible
     cfg = AttentionConfig(dim=dim, heads=heads, seq_len=tokens, **options)
     torch.manual_seed(seed)
     ours = make_attention(kind, cfg).eval()
@@ -344,8 +348,8 @@ class Efficiency(Analysis):
         scopes: str = param("attention,vit", "attention (one layer, with the references) and/or vit (a whole ViT)")
         rounds: int = param(5, "interleaved timing rounds", min=1, max=1000)
         threads: int = param(1, "torch CPU threads for the timings (0: torch's default)", min=0, max=1024)
-        references: bool = param(True, "time the reference packages beside ours (when installed)")
-        memory: bool = param(True, "measure peak memory of a forward and of a training step")
+        references: bool = param(True, "(--no-references: skip) the reference packages timed beside ours")
+        memory: bool = param(True, "(--no-memory: skip) peak memory of a forward and of a training step")
         linformer_k: int = param(256, "Linformer's projected length k", min=1, max=65536)
         performer_features: int = param(256, "Performer's random features m", min=1, max=65536)
         nystrom_landmarks: int = param(64, "Nystromformer's landmarks m", min=1, max=65536)
@@ -384,7 +388,7 @@ class Efficiency(Analysis):
             if params.references and "attention" in scopes:
                 for k in kinds:
                     if reference_installed(k):
-                        agree[k] = agreement(k, options, min(params.dim, 128), min(params.heads, 4), bench.seed)
+                        agree[k] = agreement(k, options, params.dim, params.heads, bench.seed)
         finally:
             torch.set_num_threads(threads)
         settings = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "device": str(device),
@@ -412,8 +416,16 @@ class Efficiency(Analysis):
             x = torch.randn(params.batch, tokens, params.dim, device=device, dtype=dtype)
         else:
             x = torch.randn(params.batch, 3, g * params.patch, g * params.patch, device=device, dtype=dtype)
-        for m, _ in subjects.values():
+        for key, (m, _) in list(subjects.items()):
             m.to(device=device, dtype=dtype).eval()
+            if key[1] != "probe":
+                try:
+                    with torch.inference_mode():
+                        m(x)
+                except Exception as e:  # a package that cannot run this dtype/device: time ours alone
+                    log.warning("efficiency: %s cannot run at %s on %s (%s: %s); skipped", key[1], dtype, device,
+                                type(e).__name__, e)
+                    del subjects[key]
         log.info("efficiency: %s scope, %d tokens, %d implementations", scope, tokens, len(subjects))
         times = interleaved_latency({f"{k}|{i}": (lambda m=m: m(x)) for (k, i), (m, _) in subjects.items()},
                                     params.rounds, device)

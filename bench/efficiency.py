@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 
 from probe import docs
@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     out = execute(RunSpec("efficiency", device=args.device, dtype=args.dtype, save=False,
                           params={"rounds": args.rounds, "threads": args.threads, "tokens": args.tokens}))
-    data = {"benchmark": "efficiency", "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+    data = {"benchmark": "efficiency", "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
             **out.result.to_dict()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,19 @@ class AttentionConfig:
     hybrid_dilation: int = 2
     grid: tuple[int, int] | None = None
     prefix_tokens: int = 1
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether something watches or wraps `module`'s calls: a forward (pre-)hook of its own, or a
+    forward replaced on the instance (nnsight instruments modules so). Fast paths that would skip
+    or fuse a module's call take the plain path when it is observed. Global module hooks do not
+    count: tools such as FlopCounterMode and MemTracker install them to attribute work to modules,
+    and must measure the path that runs without them."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not observed(module)
 
 
 class _Attention(nn.Module):
@@ -96,10 +110,24 @@ class StandardAttention(_Attention):
     def __init__(self, cfg: AttentionConfig, merged: bool = False) -> None:
         super().__init__(cfg, merged=merged)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`attn_mask`: optional bool (n, n) or (batch, 1, n, n), True where a query may attend."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: dict[str, Any] | None = None) -> torch.Tensor:
+        """`attn_mask`: optional bool (n, keys) or (batch, 1, n, keys), True where a query may attend.
+
+        `cache` (a decoder's key/value cache layer, `probe.models.text.DecoderCache`): `x` holds
+        the new positions only; their keys and values are appended to ``cache["k"]``, ``cache["v"]``
+        (batch, heads, past, head_dim) and the queries attend to all past + n keys. The key mask of
+        interventions is then ``cache["keep"]`` (bool (batch, past + n) or None), read by the caller
+        before any block runs; the pattern is emitted for the new query rows only.
+        """
         q, k, v = self.qkv_heads(x)
-        keep = sites.key_keep(self, x.shape[0], k.shape[2], x.device)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            keep = cache.get("keep")
+        else:
+            keep = sites.key_keep(self, x.shape[0], k.shape[2], x.device)
         mask = None if keep is None else keep_to_additive(keep, q.dtype)
         if attn_mask is not None:
             allowed = torch.zeros(attn_mask.shape, dtype=q.dtype, device=x.device)
@@ -126,7 +154,9 @@ class LinformerAttention(_Attention):
 
     ``P = softmax(Q K'^T / sqrt(d))`` (n x k), output ``P V'``; effective matrix ``P F`` (n x n),
     whose rows need not sum to 1. A masked key j has column j of E and F zeroed, so it contributes
-    nothing and gets zero effective weight.
+    nothing and gets zero effective weight. With k < n the key and value projections run on the k
+    sequence-projected rows (``E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T``, `_projected`) unless
+    something observes them.
     """
 
     approximate = True
@@ -148,9 +178,6 @@ class LinformerAttention(_Attention):
         keep = sites.key_keep(self, b, n, x.device)
         if keep is not None:
             E, Fm = E * keep[:, None, :].to(E.dtype), Fm * keep[:, None, :].to(Fm.dtype)  # (b, k, n)
-        # E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T: project along the sequence first, so the key
-        # and value projections run on k rows instead of n (the k_proj/v_proj modules' own forward
-        # hooks therefore do not fire; their weights are used directly)
         kp = self._projected(E, x, self.k_proj)
         vp = self._projected(Fm, x, self.v_proj)
         q = self.split(self.q_proj(x))
@@ -168,10 +195,18 @@ class LinformerAttention(_Attention):
             out = sites.attend(self, source, self.split(self.v_proj(x)), out)
         return self.merge(out)
 
-    def _projected(self, proj: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """(k, n) or (b, k, n) sequence projection of ``lin(x)``, as (b, heads, k, head_dim)."""
-        px = torch.matmul(proj, x)  # (b, k, dim)
-        y = F.linear(px, lin.weight)
+    def _projected(self, proj: torch.Tensor, x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
+        """``proj @ lin(x)`` for a (k, n) or (b, k, n) sequence projection, as (b, heads, k, head_dim).
+
+        With k < n and a plain, unobserved `nn.Linear` (`observed`) it is computed as
+        ``(proj @ x) W^T + (proj 1) b``, the same affine map (``E (X W^T + 1 b^T) = (E X) W^T +
+        (E 1) b^T``) with the projection on k rows instead of n; otherwise `lin` is called on the n
+        tokens as the formula is written, so hooks and wrappers see what they expect.
+        """
+        n, k = x.shape[1], proj.shape[-2]
+        if k >= n or not _plain_linear(lin):
+            return self.split(torch.matmul(proj, lin(x)))
+        y = F.linear(torch.matmul(proj, x), lin.weight)  # (b, k, dim)
         if lin.bias is not None:
             y = y + proj.sum(-1, keepdim=True) * lin.bias
         return self.split(y)
@@ -241,8 +276,9 @@ class PerformerAttention(_Attention):
         keep = sites.key_keep(self, b, n, x.device)
         if keep is not None:
             pk = pk * keep[:, None, :, None].to(pk.dtype)
-        # numerator and denominator D in one product: phi(K)^T [V | 1]
-        kv = torch.matmul(pk.transpose(-1, -2), F.pad(v, (0, 1), value=1.0))  # (b, h, m, d + 1)
+        # numerator and denominator D in one product: phi(K)^T [V | 1], over m so that D stays
+        # below n (float16 holds it) as with the 1 / sqrt(m) of both feature maps
+        kv = torch.matmul(pk.transpose(-1, -2), F.pad(v, (0, 1), value=1.0)) / self.m  # (b, h, m, d + 1)
         num = torch.matmul(pq, kv)  # (b, h, n, d + 1)
         out = num[..., :-1] / num[..., -1:].clamp_min(1e-30)
         if sites.wants_pattern(self) or sites.wants_grad(self):
@@ -293,8 +329,8 @@ class NystromAttention(_Attention):
 
     def _scaled_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q / sqrt(d), k, v)``, each contiguous (batch, heads, n, head_dim), from one fused
-        projection with the scale folded into the query weights (the q/k/v_proj modules' own forward
-        hooks therefore do not fire; their parameters are used directly)."""
+        projection with the scale folded into the query weights; only for plain, unobserved
+        `nn.Linear` projections (`observed`), whose calls it skips."""
         b, n, _ = x.shape
         w = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
@@ -303,8 +339,9 @@ class NystromAttention(_Attention):
 
     def _averaging(self, n: int, like: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """(m, n), or (b, 1, m, n) with `keep`: row s averages segment s (one matmul, not m means)."""
-        ids = torch.arange(self.m, device=like.device)
-        sizes = n // self.m + (ids < n % self.m).long()
+        m = min(self.m, n)  # never an empty segment
+        ids = torch.arange(m, device=like.device)
+        sizes = n // m + (ids < n % m).long()
         member = (torch.repeat_interleave(ids, sizes)[None, :] == ids[:, None]).to(like.dtype)  # (m, n)
         if keep is not None:
             member = member * keep[:, None, None, :].to(like.dtype)
@@ -312,7 +349,11 @@ class NystromAttention(_Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self._scaled_qkv(x)  # q carries the 1/sqrt(d)
+        if all(_plain_linear(p) for p in (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = self._scaled_qkv(x)  # q carries the 1/sqrt(d)
+        else:  # something watches or wraps a projection: call each as a module
+            q, k, v = self.qkv_heads(x)
+            q = q * self.scale
         keep = sites.key_keep(self, b, n, x.device)
         avg = self._averaging(n, q, keep)
         qt, kt = torch.matmul(avg, q), torch.matmul(avg, k)

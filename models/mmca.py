@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.modules.module as torch_module
 from torch import nn
 
 from probe.capture import sites
 from probe.capture.sites import AttentionSite, PatternSource, keep_to_additive
+from probe.models.attention import observed
 from probe.models.own_captioners import CharCaptioner
 from probe.models.text import DecoderCache, EncodeDecodeCaptioner, keep_extends
 from probe.models.vit import ViT, ViTConfig, vit_block
@@ -130,16 +130,10 @@ class MMCAAttention(nn.Module):
             if cache is not None:
                 cache["attn_vis"] = out_vis
         else:
-            if _hooked(self.out_proj):  # keep the visual stream's call for what listens to out_proj
+            if observed(self.out_proj):  # keep the visual stream's call for what listens to out_proj
                 self._merge(o_vis)
             out_vis = past["attn_vis"]
         return out_vis, self._merge(p_tt @ vt + p_ti @ vv)
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward (pre-)hook would see a call of `module` (its own, or a global one)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_forward_hooks)
 
 
 def _fixed(p: torch.Tensor) -> PatternSource:

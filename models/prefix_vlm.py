@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from probe.capture import sites
-from probe.capture.sites import PatternSource, keep_to_additive
 from probe.models.attention import AttentionConfig, StandardAttention
 from probe.models.hf_vit import hf_vit_block
 from probe.models.own_captioners import DEFAULT_CHARS, CharCaptioner
@@ -80,36 +78,8 @@ class DecoderBlock(nn.Module):
         every key). With a `cache` (a `DecoderCache` layer), `x` holds the new positions only,
         attending to the cached keys and values too (keys = cached + n)."""
         h = self.norm1(x)
-        x = x + (self.attn(h, attn_mask=mask) if cache is None else cached_attention(self.attn, h, mask, cache))
+        x = x + self.attn(h, attn_mask=mask, cache=cache)
         return x + self.mlp(self.norm2(x))
-
-
-def cached_attention(attn: StandardAttention, x: torch.Tensor, allowed: torch.Tensor | None,
-                     cache: dict[str, Any]) -> torch.Tensor:
-    """`StandardAttention.forward` for new positions `x` (b, n, d) over the keys and values held in
-    `cache` (``k``, ``v``: (b, heads, past, head_dim)) plus their own, which are appended to it.
-
-    `allowed`: bool (n, past + n), the new query rows of the joint mask (None: every key, as for
-    the newest text token). ``cache["keep"]``: the key mask of interventions over all past + n keys
-    (bool (b, past + n) or None), read by the caller from `sites.key_keep` before any block runs.
-    The pattern is emitted for the new query rows only.
-    """
-    q, k, v = attn.qkv_heads(x)
-    if "k" in cache:
-        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-    cache["k"], cache["v"] = k, v
-    keep = cache.get("keep")
-    low = torch.finfo(q.dtype).min
-    mask = None if keep is None else keep_to_additive(keep, q.dtype)
-    if allowed is not None:
-        add = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device).masked_fill_(~allowed.to(x.device), low)
-        mask = add if mask is None else (mask + add).clamp_min(low)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if sites.wants_pattern(attn) or sites.wants_grad(attn):
-        source = PatternSource(q, k, attn.scale, mask)
-        sites.emit_pattern(attn, source)
-        out = sites.attend(attn, source, v, out)
-    return attn.merge(out)
 
 
 def joint_mask(n_prefix: int, n_text: int, device: torch.device | None = None, first_row: int = 0) -> torch.Tensor:

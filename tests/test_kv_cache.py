@@ -250,3 +250,32 @@ def _images(n):
 
     g = torch.Generator().manual_seed(5)
     return [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(n)]
+
+
+def test_nnsight_generation_sees_the_same_module_calls_cached_and_uncached():
+    """The cached step still calls the attention modules as modules: prefix-vlm's `attn` envoy sees
+    every step, and MMCA's shared out_proj (hook calls=2) is called for both streams every step
+    when nnsight instruments it (its wrapper is on the instance, not a torch hook)."""
+    import nnsight
+
+    a = load_model("prefix-vlm", weights="demo")  # not the shared one: nnsight instruments in place
+    m = a.nnsight()
+    px = a.preprocess(_images(2))["pixel_values"]
+    seen = {}
+    for kw in ({"use_cache": False}, {}):
+        with torch.no_grad(), m.generate(pixel_values=px, max_new_tokens=4, min_new_tokens=4, **kw) as tracer:
+            shapes = nnsight.save([])
+            for _ in tracer.iter[:4]:
+                shapes.append(m.text.blocks[0].attn.output.shape[1])
+        seen["cached" if not kw else "uncached"] = list(shapes)
+    assert seen["uncached"] == [66, 67, 68, 69] and seen["cached"] == [66, 1, 1, 1]
+    b = load_model("mmca", weights="demo")
+    mm = b.nnsight()
+    px = b.preprocess(_images(1))["pixel_values"]
+    for kw, text_rows in (({"use_cache": False}, [1, 2, 3, 4]), ({}, [1, 1, 1, 1])):
+        with torch.no_grad(), mm.generate(pixel_values=px, max_new_tokens=4, min_new_tokens=4, **kw) as tracer:
+            rows = nnsight.save([])
+            for _ in tracer.iter[:]:
+                rows.append(mm.text.blocks[1].attn.o_proj.input.shape[1])
+        n_vis = b.model.vision.cfg.seq_len
+        assert list(rows) == [x for t in text_rows for x in (n_vis, t)], kw

@@ -75,6 +75,7 @@ def capture(
     device: str | torch.device | None = "cpu",
     cache: ActivationCache | None = None,
     grad: bool = False,
+    output: str = "kernel",
 ) -> Iterator[ActivationCache]:
     """Record the hooks whose canonical names match `hooks` (globs) while the block runs.
 
@@ -97,10 +98,19 @@ def capture(
         device: device of stored tensors (None: where computed). Reductions run before the copy,
             on the model's device.
         cache: an existing cache to append to.
+        output: ``kernel`` (default): every module's output is what its fast kernel gives, bit for
+            bit as without capture. ``pattern``: a softmax site whose full pattern (every head and
+            query row) is captured computes its output as ``P @ V`` from that pattern instead of
+            also running the kernel (`sites.output_from_pattern`): full-map capture then costs about
+            an eager forward, and outputs equal eager attention, which differs from the SDPA
+            kernel's by float rounding (~1e-6 in float32).
 
     Yields:
         The `ActivationCache`, filled as the model runs.
     """
+    if output not in ("kernel", "pattern"):
+        raise ValueError(f"capture(output={output!r}): use 'kernel' (outputs as without capture) or 'pattern' "
+                         "(outputs computed as P @ V from fully captured patterns)")
     specs = select(adapter.hook_specs(), hooks)
     cache = cache if cache is not None else ActivationCache()
     cache.selection = {"heads": _jsonable(heads), "rows": _jsonable(rows), "reduce_heads": reduce}
@@ -161,7 +171,11 @@ def capture(
                 handles.append(module.register_forward_pre_hook(on_input))
             else:
                 raise ValueError(f"hook {spec.name}: unknown kind {spec.kind!r}")
-        yield cache
+        if output == "pattern":
+            with sites.output_from_pattern():
+                yield cache
+        else:
+            yield cache
     finally:
         for h in handles:
             h.remove()

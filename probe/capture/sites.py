@@ -7,7 +7,9 @@ this registry two questions on every call, both O(1) when nothing is attached:
 - `wants_pattern(module)`: is anything listening for this module's pattern? If so the module calls
   `emit_pattern(module, source)` with a lazy `PatternSource`, and each listener computes only the
   heads and query rows it needs. The output of the attention itself never changes: it is still
-  computed by the module's own (fast) kernel.
+  computed by the module's own (fast) kernel, unless the caller opted in to `output_from_pattern`,
+  where a module whose full pattern was computed anyway may take its output from it
+  (`pattern_output`: eager attention's numbers, computed once).
 
 Listeners are attached and removed by `probe.capture`, always inside a context manager; the
 registry holds modules weakly, so nothing here keeps a model alive or outlives it. Everything
@@ -18,9 +20,11 @@ one adapter can serve captures and interventions from several threads at once.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,6 +39,13 @@ class PatternSource:
     softmax in float32 as transformers' eager attention does (float64 inputs stay float64). Approximate attention kinds pass
     their own `compute` for the effective token-by-token matrix.
 
+    The full exact pattern (every head, every query row) is computed at most once per source and
+    shared: every listener that asks for it gets the same tensor (treat it as read-only), and later
+    head/row selections are sliced from it. Without autograd it is built in place, one
+    (batch, heads, q, k) allocation, and on CPU block by block (a few heads of one batch element
+    at a time, so that each block is scaled, masked, normalised and, when `value` was given,
+    multiplied by the values while it is in cache); `pattern_output` then returns that output.
+
     Args:
         query: (batch, heads, n_query, head_dim).
         key: (batch, heads, n_key, head_dim).
@@ -45,6 +56,8 @@ class PatternSource:
         approximate: True when the pattern is an effective matrix, not a softmax.
         zero_dead_rows: rows whose keys are all masked become zero, not uniform (set when an
             intervention removed keys: a query with nothing left to attend to reads nothing).
+        value: (batch, heads, n_key, head_dim_v), or None. When given, computing the full
+            pattern also computes ``P @ value`` in the same pass (see `pattern_output`).
     """
 
     def __init__(
@@ -58,29 +71,141 @@ class PatternSource:
         approximate: bool = False,
         n_heads: int | None = None,
         zero_dead_rows: bool = False,
+        value: torch.Tensor | None = None,
     ) -> None:
         if compute is None and (query is None or key is None):
             raise ValueError("PatternSource needs query and key, or a compute function")
-        self.query, self.key, self.mask = query, key, mask
+        self.query, self.key, self.mask, self.value = query, key, mask, value
         self.scale = scale if scale is not None else (query.shape[-1] ** -0.5 if query is not None else 1.0)
         self._compute = compute
         self.approximate = approximate
         self.zero_dead_rows = zero_dead_rows
         self.n_heads = n_heads if n_heads is not None else (query.shape[1] if query is not None else None)
+        self._full: torch.Tensor | None = None  # the full pattern, once computed
+        self._out: torch.Tensor | None = None  # P @ value, computed with it (no autograd)
 
     def compute(self, heads: Index = None, rows: Index = None) -> torch.Tensor:
         """Pattern for the selected heads and query rows: (batch, heads', rows', n_key)."""
         if self._compute is not None:
             return self._compute(heads, rows)
-        q = select_rows(select_heads(self.query, heads), rows)
-        k = select_heads(self.key, heads)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        dtype = torch.promote_types(scores.dtype, torch.float32)  # at least float32; float64 stays
-        if self.mask is None:
-            return torch.softmax(scores, dim=-1, dtype=dtype)
-        mask = select_mask(self.mask, heads, rows)
-        p = torch.softmax(scores + mask, dim=-1, dtype=dtype)
-        return p * alive_rows(mask).to(p.dtype) if self.zero_dead_rows else p
+        full = self.full_pattern()
+        if full is not None:
+            if heads is None and rows is None:
+                return full
+            part = select_rows(select_heads(full, heads), rows)
+            # a selection is a tensor of its own, never a view that keeps the full pattern alive
+            return part.clone() if part.untyped_storage().data_ptr() == full.untyped_storage().data_ptr() else part
+        if heads is None and rows is None:
+            if self._needs_graph() or not _blockable(self.query, self.key, self.mask, self.value):
+                self._full, self._out = self._exact(self.query, self.key, self.mask), None
+            else:
+                self._full, self._out = self._blocked()
+            return self._full
+        mask = None if self.mask is None else select_mask(self.mask, heads, rows)
+        return self._exact(select_rows(select_heads(self.query, heads), rows), select_heads(self.key, heads), mask)
+
+    def full_pattern(self) -> torch.Tensor | None:
+        """The full exact pattern (batch, heads, q, k) if a listener already computed it, and
+        unless it lacks an autograd graph that the current grad mode and inputs would give it."""
+        full = self._full
+        if full is None or full.requires_grad or not self._needs_graph():
+            return full
+        return None
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.query, self.key, self.mask))
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask)`` in at least float32, rows zeroed per `zero_dead_rows`."""
+        dtype = torch.promote_types(q.dtype, torch.float32)  # at least float32; float64 stays
+        if self._needs_graph():  # out of place, so that autograd can follow
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            if mask is None:
+                return torch.softmax(scores, dim=-1, dtype=dtype)
+            p = torch.softmax(scores + mask, dim=-1, dtype=dtype)
+            return p * alive_rows(mask).to(p.dtype) if self.zero_dead_rows else p
+        # no graph: one (b, h, q, k) buffer, scaled, masked and normalised in place. A power-of-two
+        # scale (head_dim 64: 1/8) is applied to q first, which is exact, so the scores equal
+        # eager's ``(q k^T) * scale`` bit for bit while a pass over the large buffer is saved
+        if _power_of_two(self.scale):
+            scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)
+        if mask is not None:
+            same = torch.result_type(scores, mask) == scores.dtype
+            if same and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+                scores.add_(mask)
+            else:  # the sum promotes or broadcasts wider, as eager's ``scores + mask`` does
+                scores = scores + mask
+        if scores.dtype == dtype and scores.device.type == "cpu":
+            p = torch.softmax(scores, dim=-1, out=scores)  # row by row: safe in place on CPU
+        else:
+            p = torch.softmax(scores, dim=-1, dtype=dtype)
+        if mask is not None and self.zero_dead_rows:
+            p.mul_(alive_rows(mask).to(p.dtype))
+        return p
+
+    def _blocked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The full pattern (b, h, q, k) and, with `value`, ``P @ value`` (b, h, q, dv), computed
+        block by block (see the class docstring); `_exact`'s formula and operation order, cache-friendly."""
+        q, k, mask, value = self.query, self.key, self.mask, self.value
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
+        exact_scale = _power_of_two(self.scale)
+        qs = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the block products
+        if exact_scale:
+            torch.mul(q, self.scale, out=qs)
+        else:
+            qs.copy_(q)
+        kt = k.contiguous().transpose(-1, -2)
+        v = None if value is None else value.contiguous()
+        p = torch.empty(b, h, nq, nk, dtype=q.dtype, device=q.device)
+        # the output is laid out (b, q, h, dv), as attention modules merge heads, and returned as a view
+        out = None if v is None else torch.empty(b, nq, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+        m = None if mask is None else mask.view(*[1] * (4 - mask.dim()), *mask.shape)
+        step = max(1, min(h, _BLOCK_BYTES // max(1, nq * nk * q.element_size())))
+        for i in range(b):
+            for h0 in range(0, h, step):
+                hs = slice(h0, min(h, h0 + step))
+                blk = p[i, hs]
+                torch.bmm(qs[i, hs], kt[i, hs], out=blk)
+                if not exact_scale:
+                    blk.mul_(self.scale)
+                if m is not None:
+                    mb = m[i if m.shape[0] > 1 else 0, hs if m.shape[1] > 1 else slice(None)]
+                    blk.add_(mb)
+                torch.softmax(blk, dim=-1, out=blk)  # row by row: safe in place on CPU
+                if m is not None and self.zero_dead_rows:
+                    blk.mul_(alive_rows(mb).to(blk.dtype))
+                if out is not None:
+                    torch.bmm(blk, v[i, hs], out=out[i, hs])
+        return p, out
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+#: bytes of scores per block in `PatternSource._blocked` (about what stays in a core's L2 cache)
+_BLOCK_BYTES = 2 << 20
+
+
+def _blockable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, value: torch.Tensor | None) -> bool:
+    """Whether `PatternSource._blocked` applies: CPU, float32/float64 throughout (so that the
+    softmax runs in place without a cast), 4-d q/k/value with the same batch and heads, a mask
+    that broadcasts onto the scores without widening them."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or q.dim() != 4:
+        return False
+    if k.dtype != q.dtype or k.shape[:2] != q.shape[:2] or k.device != q.device:
+        return False
+    if value is not None and (value.dtype != q.dtype or value.shape[:3] != k.shape[:3] or value.device != q.device):
+        return False
+    if mask is None:
+        return True
+    shape = (*q.shape[:3], k.shape[2])
+    return (mask.dtype == q.dtype and mask.device == q.device and mask.dim() <= 4
+            and torch.broadcast_shapes(shape, mask.shape) == shape)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -256,6 +381,60 @@ def wants_pattern(module: nn.Module) -> bool:
 def emit_pattern(module: nn.Module, source: PatternSource) -> None:
     for fn in _mine(_pattern_listeners, module):
         fn(source)
+
+
+# ------------------------------------------------- the output from the pattern (opt-in, per thread)
+_local = threading.local()
+
+
+@contextmanager
+def output_from_pattern(enabled: bool = True) -> Iterator[None]:
+    """While the block runs (in this thread), a softmax attention site whose *full* exact pattern
+    ``P = softmax(Q K^T * scale + mask)`` (every head, every query row) was computed for a
+    listener computes its output as ``P @ V`` from that very tensor instead of also running its
+    fast kernel: attention is computed once, not twice (what makes full-map capture cheap).
+
+    The output then equals eager attention (``softmax(..., dtype=float32).to(dtype) @ V``), which
+    equals the SDPA kernel's only up to float rounding (about 1e-6 relative in float32): outputs
+    are no longer bit-identical to an uncaptured forward, hence opt-in. Sites fall back to the
+    kernel whenever the pattern would not give the kernel's output: only some heads or rows
+    listened to, gradient listeners attached, autograd needing the pattern's graph, dropout,
+    position biases, or a causal choice that differs from the kernel's.
+    """
+    before = getattr(_local, "pattern_output", False)
+    _local.pattern_output = enabled
+    try:
+        yield
+    finally:
+        _local.pattern_output = before
+
+
+def output_from_pattern_enabled() -> bool:
+    """Whether `output_from_pattern` is on in the calling thread."""
+    return getattr(_local, "pattern_output", False)
+
+
+def pattern_output(source: PatternSource, value: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``P @ value`` (batch, heads, q, head_dim), in `value`'s dtype, from the full exact pattern
+    `P` (batch, heads, q, k) that listeners made `source` compute, when `output_from_pattern` is on.
+
+    `value`: (batch, heads, k, head_dim), heads already repeated for grouped-query attention;
+    default ``source.value``, whose product was then computed block by block with `P`. Returns
+    None when the policy is off, when no listener asked for the full pattern, for approximate
+    kinds, or when `P` lacks an autograd graph that the output needs: the caller then runs its
+    own kernel.
+    """
+    if not output_from_pattern_enabled() or source._compute is not None:
+        return None
+    p = source.full_pattern()
+    if p is None:
+        return None
+    value = source.value if value is None else value
+    if value is None:
+        return None
+    if value is source.value and source._out is not None and not (torch.is_grad_enabled() and value.requires_grad):
+        return source._out
+    return torch.matmul(p.to(value.dtype), value)
 
 
 def key_keep(module: nn.Module, batch: int, n_keys: int, device: torch.device) -> torch.Tensor | None:

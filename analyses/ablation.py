@@ -17,8 +17,12 @@ Variants (each applied to every image):
 Removal is real (see `probe.capture.MaskTokens`): a removed image token receives exactly zero
 attention and contributes nothing; for BLIP the mask is routed into the cross-attention mask that
 transformers drops. Variants run batched: rows of one batched forward carry different variants
-through per-row key masks and per-row head masks, so a whole layer x head sweep costs a few
-forwards; `loop=True` runs one forward per variant (the reference the batched path must equal).
+through per-row key masks and per-row head masks. Where the captioner can resume its text stack
+(`probe.adapter.Captioner.text_run`: BLIP, ViT-GPT2) the sweep shares what variants have in
+common: one unablated forward, then each (variant, image) row runs only from the block its variant
+first changes (`entry_point`; a layer's or head's variants from that layer's cross-attention head
+outputs), with each image's cross-attention keys and values computed once. `loop=True` runs one
+whole forward per variant (the reference the batched path must equal, to the last bit).
 
 Metrics per variant and image: the teacher-forced log-probability of the reference caption (the
 unablated greedy caption, end token included; mean per token) and its drop from ``none``; the
@@ -29,6 +33,7 @@ truth, the caption accuracy (`probe.data.metrics.caption_metrics`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -56,6 +61,8 @@ from probe.registry import register_analysis
 from probe.runs.results import AblationResult
 from probe.types import VISION_OUTPUT, select
 from probe.viz.figures import grid, text_figure
+
+log = logging.getLogger(__name__)
 
 KINDS = ("blind", "region", "layers", "heads", "all")
 
@@ -108,6 +115,25 @@ def _text_batch(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.T
     return {"pixel_values": px, "input_ids": ids.to(adapter.device), "attention_mask": mask.to(adapter.device)}
 
 
+class _Specs:
+    """An adapter whose hook specs are expanded once (``hook_specs()`` expands the block templates
+    on every call); everything else is the adapter's. `intervene` and the helpers here take it."""
+
+    def __init__(self, adapter: Any) -> None:
+        self._adapter = adapter
+        self._specs = adapter.hook_specs()
+
+    def hook_specs(self) -> list[Any]:
+        return self._specs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+
+def _cached(adapter: Any) -> Any:
+    return adapter if isinstance(adapter, _Specs) else _Specs(adapter)
+
+
 def _flow_layers(adapter: Any) -> list[int]:
     """Text layers whose flow pattern (the one that reads the image tokens) exists."""
     return sorted(s.layer for s in select(adapter.hook_specs(), adapter.flow_hook.format(i="*")))
@@ -129,26 +155,34 @@ def _n_heads(adapter: Any, hook: str) -> int:
     return int(spec.n_heads)
 
 
-def interventions_for(adapter: Any, rows: Sequence[tuple[Variant, int]]) -> list[Intervention]:
+def interventions_for(adapter: Any, rows: Sequence[tuple[Variant, int]],
+                      layers: Sequence[int] | None = None) -> list[Intervention]:
     """Interventions for one batched forward whose row r runs variant ``rows[r][0]`` on image
-    ``rows[r][1]``: one per-row key mask over all layers, per-layer key masks, per-layer head masks."""
-    b, n_tok = len(rows), adapter.n_image_tokens
-    layers = _flow_layers(adapter)
+    ``rows[r][1]``: one per-row key mask over all layers, per-layer key masks, per-layer head masks.
+    `layers`: only what acts on these text layers, as each layer's own interventions (for blocks
+    run one at a time on different rows, see `TextRun`)."""
+    a = _cached(adapter)
+    b, n_tok = len(rows), a.n_image_tokens
+    flow = _flow_layers(a)
+    todo = flow if layers is None else [i for i in flow if i in set(layers)]
     ivs: list[Intervention] = []
     removed = torch.zeros(b, n_tok, dtype=torch.bool)
     for r, (v, i) in enumerate(rows):
         if v.removed is not None:
             removed[r] = v.removed[i]
     if removed.any():
-        ivs.append(MaskTokens(removed, attention=adapter.flow_hook.format(i="*")))
-    for layer in layers:
+        if layers is None:
+            ivs.append(MaskTokens(removed, attention=a.flow_hook.format(i="*")))
+        else:
+            ivs += [MaskTokens(removed, attention=a.flow_hook.format(i=layer)) for layer in todo]
+    for layer in todo:
         flags = torch.tensor([v.layer == layer for v, _ in rows])
         if flags.any():
-            ivs.append(MaskTokens(flags[:, None].expand(b, n_tok).clone(), attention=adapter.flow_hook.format(i=layer)))
-        hook, _ = _head_hook(adapter, layer)
+            ivs.append(MaskTokens(flags[:, None].expand(b, n_tok).clone(), attention=a.flow_hook.format(i=layer)))
+        hook, _ = _head_hook(a, layer)
         hv = [(r, v.head[1]) for r, (v, _) in enumerate(rows) if v.head is not None and v.head[0] == layer]
         if hv:
-            heads = torch.zeros(b, _n_heads(adapter, hook), dtype=torch.bool)
+            heads = torch.zeros(b, _n_heads(a, hook), dtype=torch.bool)
             for r, h in hv:
                 heads[r, h] = True
             ivs.append(ZeroHeads(hook, heads))
@@ -183,6 +217,14 @@ def vision_outputs(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torc
     return calls[0]
 
 
+def _mean_logprob(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(b,): mean over the caption tokens (`mask`) of log p(ids[:, t + 1] | ...) from logits (b, T, vocab)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
+    m = mask[:, 1:].to(logp.device).float()
+    return ((logp * m).sum(1) / m.sum(1)).cpu()
+
+
 @torch.no_grad()
 def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.Tensor, ids: torch.Tensor,
                    mask: torch.Tensor, vision: Any | None, max_new_tokens: int | None,
@@ -192,16 +234,113 @@ def _evaluate_rows(adapter: Any, rows: Sequence[tuple[Variant, int]], px: torch.
     rpx, rids, rmask = px[idx], ids[idx], mask[idx]
     with (vision_once(adapter, vision, idx) if vision is not None else nullcontext()), \
             intervene(adapter, interventions_for(adapter, rows)):
-        logits = adapter.forward(_text_batch(adapter, rpx, rids, rmask)).float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rids[:, 1:, None].to(logits.device))[..., 0]
-        m = rmask[:, 1:].to(logp.device).float()
-        mean = ((logp * m).sum(1) / m.sum(1)).cpu()
+        mean = _mean_logprob(adapter.forward(_text_batch(adapter, rpx, rids, rmask)), rids, rmask)
         texts: list[str] = []
         toks: list[list[str]] = []
         if generate:
             caps = adapter.caption_pixels(rpx, max_new_tokens)
             texts, toks = caps["text"], caps["tokens"]
     return mean, texts, toks
+
+
+# ----------------------------------------------------------------------------- shared-prefix sweep
+Row = tuple[Variant, int]
+
+
+def entry_point(v: Variant, layers: Sequence[int]) -> tuple[int, bool] | None:
+    """Where variant `v` first changes the text stack: ``(block, at_heads)``, or None when it
+    ablates nothing (it is the unablated forward). Removed tokens change every layer's
+    cross-attention, from the first (``at_heads`` False: the whole block runs). A layer or head
+    ablation of block l changes nothing of block l before its cross-attention head outputs
+    (``at_heads`` True): a head is zeroed there, and a layer whose image tokens are all removed
+    reads nothing, so its heads' outputs are exactly zero (see `probe.capture.MaskTokens`). A
+    variant ablating several layers enters at the lowest."""
+    marks = []
+    if v.removed is not None:
+        marks.append((min(layers), False))
+    if v.layer is not None:
+        marks.append((v.layer, True))
+    if v.head is not None:
+        marks.append((v.head[0], True))
+    if not marks:
+        return None
+    first = min(m[0] for m in marks)
+    return first, all(at for layer, at in marks if layer == first)
+
+
+def _head_interventions(a: Any, rows: Sequence[Row], layer: int) -> list[Intervention]:
+    """Layer and head ablations of block `layer` as zeroed cross-attention head outputs: row r's
+    head for a head ablation, every head for a layer ablation (a layer whose image tokens are all
+    removed reads nothing, so its heads' outputs are exactly zero, as `MaskTokens` makes them);
+    rows ablating nothing there keep every head. None when no row ablates `layer`."""
+    hook, _ = _head_hook(a, layer)
+    if hook != f"text.blocks.{layer}.xattn.z":
+        raise ValueError(f"{a.name}: block {layer} has no cross-attention heads ({hook}) to resume at")
+    heads = torch.zeros(len(rows), _n_heads(a, hook), dtype=torch.bool)
+    whole = [r for r, (v, _) in enumerate(rows) if v.layer == layer]
+    one = [(r, v.head[1]) for r, (v, _) in enumerate(rows)
+           if v.layer != layer and v.head is not None and v.head[0] == layer]
+    heads[whole] = True
+    if one:
+        heads[[r for r, _ in one], [h for _, h in one]] = True
+    return [ZeroHeads(hook, heads)] if heads.any() else []
+
+
+def _resumed_interventions(a: Any, rows: Sequence[Row]) -> list[Intervention]:
+    """`interventions_for` with layer ablations as zeroed heads (`_head_interventions`): the same
+    numbers, and no key mask, so rows of layer, head and no ablation share one attention kernel
+    path (a per-row key mask gives every row of its batch a mask)."""
+    ivs = interventions_for(a, [(Variant(v.name, v.kind, v.removed), i) for v, i in rows])
+    for layer in _flow_layers(a):
+        ivs += _head_interventions(a, rows, layer)
+    return ivs
+
+
+@torch.no_grad()
+def _shared_logprob(adapter: Any, run: Any, rows: Sequence[Row], ids: torch.Tensor, mask: torch.Tensor,
+                    batch_size: int, progress: bool) -> torch.Tensor:
+    """(len(rows),) mean log-prob of the reference per row, every row resumed from `run` (a
+    `TextRun` of the unablated forward on all images) at its `entry_point`: blocks below it are
+    shared, cross-attention keys and values are each image's, computed once."""
+    a = _cached(adapter)
+    layers = _flow_layers(a)
+    entry = [entry_point(v, layers) for v, _ in rows]
+    out = torch.zeros(len(rows))
+
+    def images(ks: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([rows[k][1] for k in ks], dtype=torch.long)
+
+    base = [k for k, e in enumerate(entry) if e is None]
+    if base:
+        idx = images(base)
+        out[base] = _mean_logprob(run.logits[idx.to(run.logits.device)], ids[idx], mask[idx])
+    todo = sorted((k for k, e in enumerate(entry) if e is not None), key=lambda k: entry[k])
+    masked = [k for k in todo if rows[k][0].removed is not None]
+    plain = [k for k in todo if rows[k][0].removed is None]
+    # rows removing tokens everywhere never share a batch with the others: a per-row key mask gives
+    # every row of its batch a (zero) mask, which can take another kernel path than none
+    chunks = [g[c : c + batch_size] for g in (masked, plain) for c in range(0, len(g), batch_size)]
+    for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
+        hidden: torch.Tensor | None = None
+        live: list[int] = []
+        for layer in range(entry[chunk[0]][0], run.depth):
+            fresh = [k for k in chunk if entry[k] == (layer, False)]
+            at_heads = [k for k in chunk if entry[k] == (layer, True)]
+            parts = []
+            if live or fresh:
+                if fresh:
+                    h = run.hidden(layer, images(fresh))
+                    hidden = h if hidden is None else torch.cat([hidden, h])
+                live = live + fresh
+                with intervene(a, interventions_for(a, [rows[k] for k in live], [layer])):
+                    parts.append(run.block(layer, hidden, images(live)))
+            if at_heads:
+                with intervene(a, _head_interventions(a, [rows[k] for k in at_heads], layer)):
+                    parts.append(run.finish_block(layer, images(at_heads)))
+                live = live + at_heads
+            hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[live] = _mean_logprob(adapter.unembed(hidden), ids[images(live)], mask[images(live)])
+    return out
 
 
 def _attended_patches(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -367,17 +506,34 @@ def evaluate_variants(
     """Every variant on every image: mean log-prob per token of the reference `ids` (variants,
     images), and with `generate` the greedy caption texts and tokens [variant][image].
 
-    Batched: (variant, image) rows packed `batch_size` at a time, each image's vision features
-    computed once. `loop`: one whole forward per variant, vision tower included (the naive
-    reference the batched path must equal).
+    Batched, for captioners with `Captioner.text_run` (BLIP, ViT-GPT2): one unablated forward on
+    the images, then every (variant, image) row resumed at the block where its variant first
+    changes something (`entry_point`): the blocks below are shared, a layer's or head's variants
+    start from the unablated state at that layer's cross-attention heads, and each image's
+    cross-attention keys and values (and vision features) are computed once. Rows are packed
+    `batch_size` at a time; generation runs the rows in batches of `batch_size` with the shared
+    vision features and keys/values. Other captioners: rows packed into whole forwards, vision
+    features computed once. `loop`: one whole forward per variant, vision tower included (the naive
+    reference the batched path must equal; the shared path gives the same numbers to the last bit,
+    see tests/test_ablation_sweep.py).
     """
     n = px.shape[0]
     rows = [(v, i) for v in variants for i in range(n)]
-    chunks = _chunks(rows, batch_size, by_variant=loop)
     logprob = torch.zeros(len(variants), n)
     texts: list[list[str]] = [[""] * n for _ in variants]
     tokens: list[list[list[str]]] = [[[] for _ in range(n)] for _ in variants]
     vindex = {id(v): j for j, v in enumerate(variants)}
+    run, vision = (None, None) if loop else _resumable(adapter, px, ids, mask)
+    if run is not None:
+        mean = _shared_logprob(adapter, run, rows, ids, mask, batch_size, progress)
+        for r, (v, i) in enumerate(rows):
+            logprob[vindex[id(v)], i] = mean[r]
+        if generate:
+            for chunk, caps in _shared_captions(adapter, run, vision, rows, px, batch_size, max_new_tokens, progress):
+                for r, (v, i) in enumerate(chunk):
+                    texts[vindex[id(v)]][i], tokens[vindex[id(v)]][i] = caps["text"][r], caps["tokens"][r]
+        return logprob, texts, tokens
+    chunks = _chunks(rows, batch_size, by_variant=loop)
     # the batched path runs the vision tower once; the reference loop is the naive one: a whole forward per variant
     vision = None if loop else vision_outputs(adapter, px, ids, mask)
     for chunk in tqdm(chunks, desc=f"ablation {adapter.name}", disable=not progress or len(chunks) < 2):
@@ -387,6 +543,36 @@ def evaluate_variants(
             if generate:
                 texts[vindex[id(v)]][i], tokens[vindex[id(v)]][i] = tx[r], tk[r]
     return logprob, texts, tokens
+
+
+def _shared_captions(adapter: Any, run: Any, vision: Any, rows: Sequence[Row], px: torch.Tensor, batch_size: int,
+                     max_new_tokens: int | None, progress: bool) -> Iterator[tuple[list[Row], dict[str, Any]]]:
+    """Greedy captions of `rows`, `batch_size` rows per ``generate``: (chunk, captions) per batch.
+    Vision features and cross-attention keys/values are the unablated forward's (`run`), taken
+    per row; layer ablations act as zeroed heads (`_resumed_interventions`) and rows removing
+    tokens are batched apart, so each row's arithmetic is the loop's."""
+    a = _cached(adapter)
+    masked = [r for r in rows if r[0].removed is not None]
+    plain = [r for r in rows if r[0].removed is None]
+    chunks = [g[k : k + batch_size] for g in (masked, plain) for k in range(0, len(g), batch_size)]
+    for chunk in tqdm(chunks, desc=f"captions {adapter.name}", disable=not progress or len(chunks) < 2):
+        idx = torch.tensor([i for _, i in chunk])
+        with torch.no_grad(), vision_once(a, vision, idx), run.shared_image_kv(idx), \
+                intervene(a, _resumed_interventions(a, chunk)):
+            caps = adapter.caption_pixels(px[idx], max_new_tokens)
+        yield chunk, caps
+
+
+def _resumable(adapter: Any, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, Any]:
+    """The unablated forward as a `TextRun` and the vision tower's output in it, or (None, None)
+    where the captioner cannot resume its text stack (`Captioner.text_run` raises NotImplementedError)."""
+    try:
+        with torch.no_grad(), record_outputs(adapter, VISION_OUTPUT) as calls:
+            run = adapter.text_run(px, ids.to(adapter.device), mask.to(adapter.device))
+    except NotImplementedError as e:
+        log.debug("%s; batching whole forwards", e)
+        return None, None
+    return run, calls[0]
 
 
 def reference(adapter: Any, images: Sequence[Any], max_new_tokens: int | None = None

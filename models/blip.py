@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from probe.adapter import Specials
-from probe.models.hf_captioners import ZOO_CONFIG, HFCaptioner
+from probe.models.hf_captioners import ZOO_CONFIG, HFCaptioner, TextStack
 from probe.registry import register_model
 from probe.types import VISION_OUTPUT, Block, Capabilities, Hook, HookSpec, Recipe
 
@@ -34,13 +34,16 @@ class BlipAdapter(HFCaptioner):
     tiny_specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                      "bos_token": "[DEC]"}
     tiny_roles = ("bos_token", "sep_token", "pad_token")
+    text_stack = TextStack("text_decoder.bert.encoder.layer.{i}",
+                           image_kv=("crossattention.self.key", "crossattention.self.value"), residual="crossattention")
 
     @classmethod
     def published_config(cls) -> Any:
-        """BLIP base captioning: ViT-B/16 at 384, a 12-layer BERT decoder with cross-attention."""
+        """BLIP base captioning: ViT-B/16 at 384, a 12-layer BERT decoder with cross-attention and 12
+        heads (the published checkpoint's config; `BlipTextConfig` defaults to 8)."""
         from transformers import BlipConfig  # heavy: only when this family is built
 
-        return BlipConfig()
+        return BlipConfig(text_config={"num_attention_heads": 12})
 
     @classmethod
     def tiny_config(cls, vocab_size: int, specials: Specials, *, image_size: int = 32, patch_size: int = 8,
@@ -74,6 +77,15 @@ class BlipAdapter(HFCaptioner):
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """BERT layers are post-norm: the prediction head (transform, then decoder) reads the state as is."""
         return self.model.text_decoder.cls(resid)
+
+    def _finish_block(self, block: Any, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`BlipTextLayer` after its cross-attention context: ``LayerNorm(dense(z) + residual)``
+        (`BlipTextSelfOutput`), then the feed-forward chunk, as ``BlipTextLayer.forward`` runs them."""
+        from transformers.pytorch_utils import apply_chunking_to_forward
+
+        out = block.crossattention.output(z, residual)
+        return apply_chunking_to_forward(block.feed_forward_chunk, block.chunk_size_feed_forward,
+                                         block.seq_len_dim, out)
 
     def blocks(self) -> list[Block]:
         v, t = self.model.config.vision_config, self.model.config.text_config

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from probe.adapter import Specials
-from probe.models.hf_captioners import ZOO_CONFIG, HFCaptioner
+from probe.models.hf_captioners import ZOO_CONFIG, HFCaptioner, TextStack
 from probe.models.hf_vit import hf_vit_block
 from probe.registry import register_model
 from probe.types import VISION_OUTPUT, Block, Capabilities, Hook, HookSpec, Recipe, prefixed
@@ -30,6 +30,7 @@ class ViTGPT2Adapter(HFCaptioner):
     processor_class = "ViTImageProcessorPil"
     vision_key = "encoder"
     tiny_specials = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+    text_stack = TextStack("decoder.transformer.h.{i}", image_kv=("crossattention.c_attn",), residual="ln_cross_attn")
 
     @classmethod
     def published_config(cls) -> Any:
@@ -82,6 +83,12 @@ class ViTGPT2Adapter(HFCaptioner):
         """GPT-2 is pre-norm: ``ln_f``, then the (tied) ``lm_head``."""
         dec = self.model.decoder
         return dec.lm_head(dec.transformer.ln_f(resid))
+
+    def _finish_block(self, block: Any, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`GPT2Block` after its cross-attention heads: ``x = residual + c_proj(z)``, then
+        ``x + mlp(ln_2(x))``, as ``GPT2Block.forward`` runs them (dropouts are identities in eval)."""
+        x = residual + block.crossattention.resid_dropout(block.crossattention.c_proj(z))
+        return x + block.mlp(block.ln_2(x))
 
     def _generate_kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
         sp = self.specials

@@ -11,7 +11,8 @@ block templates a family declares, preprocesses images and saves atomically. `Cl
 - classifiers: ``forward`` and ``labels``;
 - captioners: ``specials``, ``max_new_tokens``, ``max_caption_tokens``, ``_logits(pixels, ids, mask)``,
   ``_generate(pixels, max_new_tokens, num_beams, **kw) -> new ids``, ``_encode_text``,
-  ``_tokens``, ``_text``.
+  ``_tokens``, ``_text``; optionally ``text_run`` (a forward whose text stack can be resumed at
+  any block, see `TextRun`; families without it raise NotImplementedError).
 
 ``__init__`` only stores the model, its weights info and its parts (processor, tokenizer).
 """
@@ -24,6 +25,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -303,6 +305,49 @@ class Specials:
     pad: int
 
 
+class TextRun(abc.ABC):
+    """One whole teacher-forced forward of a captioner on `n` images, kept so that its text stack
+    can be resumed at any block on other rows: the optional primitive `Captioner.text_run`.
+
+    Sweeps of interventions that change only what some text blocks do (ablations of a layer's or
+    a head's cross-attention) use it to share work between variants: the blocks below the first
+    changed block are the same as in this forward, and each image's cross-attention keys and values
+    depend on the image features alone (an ablation changes what the queries do with them, not
+    them). Rows are given by the image they read, ``images`` (r,) long indices into the `n` images,
+    and carry that image's caption ids; hooks and interventions installed on the native modules
+    act on resumed blocks exactly as in a whole forward (per-row masks see the resumed batch).
+
+    Attributes:
+        logits: (n, T, vocab) teacher-forced logits of the whole forward.
+        depth: number of text blocks; `Captioner.unembed` of the last block's output gives logits.
+    """
+
+    logits: torch.Tensor
+    depth: int
+
+    @abc.abstractmethod
+    def hidden(self, layer: int, images: torch.Tensor) -> torch.Tensor:
+        """(r, T, d): the state entering text block `layer` in the whole forward, for each row's image."""
+
+    @abc.abstractmethod
+    def block(self, layer: int, hidden: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Text block `layer` on `hidden` (r, T, d), row k reading image ``images[k]``: (r, T, d).
+        The cross-attention keys and values are the whole forward's, taken per row (never recomputed)."""
+
+    @abc.abstractmethod
+    def finish_block(self, layer: int, images: torch.Tensor) -> torch.Tensor:
+        """Text block `layer` resumed at its cross-attention head outputs (hook
+        ``text.blocks.{layer}.xattn.z``): each row starts from its image's state there in the whole
+        forward, which then enters the output projection (where `ZeroHeads` acts) and the rest of
+        the block: (r, T, d). For rows whose block `layer` is unchanged before those heads."""
+
+    @abc.abstractmethod
+    def shared_image_kv(self, images: torch.Tensor) -> AbstractContextManager[None]:
+        """While active, every text block's cross-attention keys and values are the whole forward's
+        rows of `images` instead of being computed (forwards and ``generate`` over a batch of
+        len(images) rows whose row k reads image ``images[k]``); removed on exit."""
+
+
 class Captioner(ModelAdapter):
     """An image captioner; the contract analyses use. Text patterns index the text tokens from
     `text_offset()` on; `flow_hook` is the pattern whose keys hold the image tokens
@@ -516,6 +561,17 @@ class Captioner(ModelAdapter):
         return InputMeta(spans={"cls": (0, 1), "image": (1, self.n_image_tokens), "text": (t0, t0 + n_text)},
                          grid=self.grid, image_size=(s, s), tokens=tokens, flow_hook=self.flow_hook,
                          joint=self.capabilities.joint_attention)
+
+    def text_run(self, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> TextRun:
+        """Optional primitive: a whole teacher-forced forward (as `forward`) whose text stack can be
+        resumed at any block (see `TextRun`). pixel_values (n, 3, H, W); ids, mask (n, T).
+
+        Families whose text decoder is a stack of blocks reading the image through cross-attention
+        provide it (BLIP, ViT-GPT2). The others raise NotImplementedError (joint attention, where
+        the image tokens live in the text stream, and our character decoders): callers then run
+        whole forwards.
+        """
+        raise NotImplementedError(f"{self.name}: no resumable text stack (Captioner.text_run); run whole forwards")
 
     def mask_image_tokens(self, removed: torch.Tensor | None = None) -> list[Intervention]:
         """Interventions that remove image tokens from everything the text attends to.

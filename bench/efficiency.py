@@ -108,24 +108,33 @@ def table(data: dict, accuracy: dict | None) -> str:
                 r = next(x for x in vit if x["kind"] == kind and x["tokens"] == t)
                 cells.append(f"{r['latency_ms']:.1f} ({_ratio(vstd[t]['latency_ms'], r['latency_ms'])})")
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    if accuracy:
+    if accuracy and accuracy.get("runs"):
         lines += ["", accuracy_table(accuracy)]
     return "\n".join(lines)
 
 
+def _accuracy_runs(acc: dict) -> list[dict]:
+    """(kind, epochs, top1) of every training run in bench/results/efficiency_accuracy.json."""
+    return [{"kind": r["kind"], "epochs": int(r["epochs"]), "top1": float(r["top1"])} for r in acc.get("runs", [])]
+
+
 def accuracy_table(acc: dict) -> str:
     """Digits top-1 per kind and training budget (bench/efficiency_accuracy.py's results)."""
-    runs = acc.get("results", [])
+    runs = _accuracy_runs(acc)
     budgets = sorted({r["epochs"] for r in runs})
     kinds = list(dict.fromkeys(r["kind"] for r in runs))
-    lines = [f"Top-1 on scikit-learn's digits ({acc.get('settings', {}).get('summary', '')}) per training budget "
-             "(mean over seeds; regenerate with `python bench/efficiency_accuracy.py`):", "",
+    st = acc.get("settings", {})
+    lines = [f"Test top-1 on scikit-learn's digits ({acc.get('n_train')} train / {acc.get('n_test')} test, "
+             f"{st.get('image_size')} px, patch {st.get('patch_size')}, dim {st.get('dim')}, depth {st.get('depth')}, "
+             f"{st.get('heads')} heads; AdamW lr {st.get('lr')}, warm-up {st.get('warmup')} of the steps, clip "
+             f"{st.get('clip')}) per training budget, each budget its own run; mean over seeds (their count in "
+             "brackets). Regenerate with `python bench/efficiency_accuracy.py`.", "",
              "| kind | " + " | ".join(f"{b} epochs" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for k in kinds:
         cells = []
         for b in budgets:
-            accs = [r["accuracy"] for r in runs if r["kind"] == k and r["epochs"] == b]
-            cells.append(f"{100 * sum(accs) / len(accs):.1f}%" if accs else "")
+            accs = [r["top1"] for r in runs if r["kind"] == k and r["epochs"] == b]
+            cells.append(f"{100 * sum(accs) / len(accs):.1f}% ({len(accs)})" if accs else "")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -133,6 +142,7 @@ def accuracy_table(acc: dict) -> str:
 def figure(data: dict, accuracy: dict | None) -> Figure:
 
     rows = [r for r in data["rows"] if r["scope"] == "attention"]
+    accuracy = accuracy if accuracy and accuracy.get("runs") else None
     n = 3 if accuracy else 2
     fig = Figure(figsize=(5 * n, 3.8))
     axes = fig.subplots(1, n)
@@ -154,15 +164,15 @@ def figure(data: dict, accuracy: dict | None) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     if accuracy:
-        runs = accuracy.get("results", [])
+        runs = _accuracy_runs(accuracy)
         best = max(r["epochs"] for r in runs)
-        vit = {r["kind"]: r for r in data["rows"] if r["scope"] == "vit" and r["tokens"] == 65}
+        per_epoch = {k: v.get("seconds_per_epoch", {}).get("median") for k, v in accuracy.get("kinds", {}).items()}
         for i, kind in enumerate(kinds):
-            accs = [r["accuracy"] for r in runs if r["kind"] == kind and r["epochs"] == best]
-            if accs and kind in vit:
-                axes[2].scatter(vit[kind]["latency_ms"], 100 * sum(accs) / len(accs), color=f"C{i}", label=kind)
-        axes[2].set(xlabel="ViT forward at 65 tokens (ms)", ylabel=f"digits top-1 at {best} epochs (%)",
-                    title="accuracy against cost")
+            accs = [r["top1"] for r in runs if r["kind"] == kind and r["epochs"] == best]
+            if accs and per_epoch.get(kind):
+                axes[2].scatter(per_epoch[kind], 100 * sum(accs) / len(accs), color=f"C{i}", label=kind)
+        axes[2].set(xlabel="training time per epoch on digits (s, 65 tokens)",
+                    ylabel=f"digits top-1 at {best} epochs (%)", title="accuracy against cost (digits ViT)")
         axes[2].grid(alpha=0.3)
         axes[2].legend(fontsize=6)
     fig.tight_layout()

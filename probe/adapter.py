@@ -339,7 +339,10 @@ class TextRun(abc.ABC):
         """Text block `layer` resumed at its cross-attention head outputs (hook
         ``text.blocks.{layer}.xattn.z``): each row starts from its image's state there in the whole
         forward, which then enters the output projection (where `ZeroHeads` acts) and the rest of
-        the block: (r, T, d). For rows whose block `layer` is unchanged before those heads."""
+        the block: (r, T, d). For rows whose block `layer` is unchanged before those heads. The
+        rest of the block runs its submodules directly: hooks on the block module itself (e.g.
+        ``text.blocks.{layer}.resid_post``) or on the cross-attention module as a whole do not
+        fire for this block; use `block` where they must."""
 
     @abc.abstractmethod
     def shared_image_kv(self, images: torch.Tensor) -> AbstractContextManager[None]:

@@ -119,6 +119,23 @@ def test_every_kind_of_variant_equals_the_loop_exactly(name, adapters, inputs):
 
 
 @pytest.mark.parametrize("name", list(TINY))
+def test_sweep_in_image_chunks_equals_the_loop_exactly(name, adapters, inputs, monkeypatch):
+    """More images than `IMAGE_CHUNK` (the bound on what the shared path keeps per image): the
+    images go in chunks, each variant's removed tokens sliced with them; same numbers and captions."""
+    monkeypatch.setattr(ablation, "IMAGE_CHUNK", 2)
+    a = adapters[name]
+    px, _, ids, mask = inputs[name]
+    n_patch = a.n_image_tokens - 1
+    attended = torch.linspace(0, 1, 3 * n_patch).reshape(3, n_patch)
+    variants = ablation.build_variants(a, "all", 3, k=5, span=(1, a.n_image_tokens), attended=attended,
+                                       objects=[s.masks for s in iter_split("test", 3)])
+    lb, tb, _ = ablation.evaluate_variants(a, variants, px, ids, mask, batch_size=4, generate=True, max_new_tokens=6)
+    ll, tl, _ = ablation.evaluate_variants(a, variants, px, ids, mask, loop=True, generate=True, max_new_tokens=6)
+    assert torch.equal(lb, ll)
+    assert tb == tl
+
+
+@pytest.mark.parametrize("name", list(TINY))
 def test_keys_values_once_per_image_and_blocks_below_the_entry_layer_not_rerun(name, adapters, inputs):
     """Rows each module processes in one batched sweep: the image key/value projections only the
     unablated forward's (one row per image), also while captions are generated; without captions,

@@ -456,3 +456,20 @@ def test_capture_output_pattern_is_the_switch_of_the_public_api(vit, pixels, ker
     torch.testing.assert_close(pv, ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="output='fast'"), capture(adapter, PATTERNS, output="fast"):
         pass
+
+
+def test_a_kernel_capture_nested_in_a_pattern_capture_runs_every_kernel(vit, pixels, kernel_calls):
+    """`output="kernel"` inside `output="pattern"`: exact kernel outputs in the inner block, the
+    outer policy back afterwards; the default (None) inherits the enclosing choice."""
+    adapter, _ = vit
+    with torch.no_grad():
+        bare = adapter.model(pixel_values=pixels).last_hidden_state
+        with capture(adapter, "vision.blocks.0.attn.pattern", output="pattern"):
+            before = len(kernel_calls)
+            with capture(adapter, "vision.blocks.2.attn.pattern", output="kernel"):
+                inner = adapter.model(pixel_values=pixels).last_hidden_state
+            assert len(kernel_calls) == before + TINY["num_hidden_layers"]
+            assert sites.output_from_pattern_enabled()
+            with capture(adapter, "vision.blocks.2.attn.pattern"):
+                assert sites.output_from_pattern_enabled()
+    assert torch.equal(inner, bare)

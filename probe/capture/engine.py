@@ -14,7 +14,7 @@ import numbers
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -75,7 +75,7 @@ def capture(
     device: str | torch.device | None = "cpu",
     cache: ActivationCache | None = None,
     grad: bool = False,
-    output: str = "kernel",
+    output: str | None = None,
 ) -> Iterator[ActivationCache]:
     """Record the hooks whose canonical names match `hooks` (globs) while the block runs.
 
@@ -98,17 +98,21 @@ def capture(
         device: device of stored tensors (None: where computed). Reductions run before the copy,
             on the model's device.
         cache: an existing cache to append to.
-        output: ``kernel`` (default): every module's output is what its fast kernel gives, bit for
-            bit as without capture. ``pattern``: a softmax site whose full pattern (every head and
+        output: None (default): as the enclosing block says (`sites.output_from_pattern`, or an
+            outer capture's `output`), else ``kernel``. ``kernel``: every module's output is what its
+            fast kernel gives, bit for bit as without capture. ``pattern``: a softmax site whose full pattern (every head and
             query row) is captured computes its output as ``P @ V`` from that pattern instead of
             also running the kernel (`sites.output_from_pattern`): full-map capture then costs about
-            an eager forward, and outputs equal eager attention, which differs from the SDPA
-            kernel's by float rounding (~1e-6 in float32).
+            an eager forward, and outputs are ``softmax(Q K^T * scale + mask) @ V`` in the model's
+            dtype (float32 softmax for half precision, as transformers' eager attention), which
+            differs from the SDPA kernel's by float rounding (~1e-6 in float32). It applies to the
+            sites on transformers' attention interface (``hf-vit``, ViT-GPT2, GIT's vision tower);
+            our own ViTs always run their kernel. The innermost explicit choice holds in its block.
 
     Yields:
         The `ActivationCache`, filled as the model runs.
     """
-    if output not in ("kernel", "pattern"):
+    if output not in (None, "kernel", "pattern"):
         raise ValueError(f"capture(output={output!r}): use 'kernel' (outputs as without capture) or 'pattern' "
                          "(outputs computed as P @ V from fully captured patterns)")
     specs = select(adapter.hook_specs(), hooks)
@@ -171,10 +175,9 @@ def capture(
                 handles.append(module.register_forward_pre_hook(on_input))
             else:
                 raise ValueError(f"hook {spec.name}: unknown kind {spec.kind!r}")
-        if output == "pattern":
-            with sites.output_from_pattern():
-                yield cache
-        else:
+        # the policy is the thread's: the innermost explicit choice holds inside its block (a
+        # "kernel" capture nested in a "pattern" one runs every kernel, so its outputs are exact)
+        with nullcontext() if output is None else sites.output_from_pattern(output == "pattern"):
             yield cache
     finally:
         for h in handles:

@@ -27,13 +27,16 @@ from probe.analyses.activations import DEFAULT_HOOKS, capture_set, check_out, pa
 from probe.analysis import Analysis, add_arguments, params_from_args
 from probe.data import ImageLoadError, load_labelled
 from probe.data.activations import GROUPS
+from probe.data.digits import DEFAULT_TEST as DIGITS_TEST
+from probe.data.digits import RESAMPLING as DIGITS_RESAMPLING
+from probe.data.digits import write_digits
 from probe.data.shapes import write_dataset
 from probe.docs import fusion_markdown
 from probe.io import check_output
 from probe.models.vit import ADAPTERS as VIT_KINDS
 from probe.pipeline import DTYPES, RunSpec, execute, resolve_device
 from probe.runs.store import RunStore, default_store_root
-from probe.train import train_classifier
+from probe.train import DEFAULT_CLIP, DEFAULT_WARMUP, train_classifier
 from probe.types import ProbeError
 
 log = logging.getLogger("probe")
@@ -128,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--size", type=int, default=64, help="image side in pixels")
     ps.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
 
+    pdg = dsub.add_parser("digits", help="write scikit-learn's handwritten digits (1,797 8x8 images, no download) "
+                          "as class-per-folder PNGs (train/<digit>/, test/<digit>/) for `probe train vit`")
+    pdg.add_argument("--out", type=_folder, required=True)
+    pdg.add_argument("--size", type=int, default=32, help="image side in pixels, upscaled from 8 (default 32)")
+    pdg.add_argument("--test", type=int, default=DIGITS_TEST, metavar="N",
+                     help=f"test images, stratified by digit; the rest train (default {DIGITS_TEST}: 1,400 train)")
+    pdg.add_argument("--resample", choices=sorted(DIGITS_RESAMPLING), default="bicubic",
+                     help="upscaling filter (default bicubic, as `probe train vit` resizes; nearest keeps each "
+                          "original pixel as a flat block)")
+    pdg.add_argument("--seed", type=int, default=0, help="seed of the split")
+    pdg.add_argument("--force", action="store_true", help="replace a non-empty --out folder (it is replaced only once the new one is complete)")
+
     pz = sub.add_parser("zoo", help="the bundled probe-shapes models: list them, or rebuild one from its recipe")
     zsub = pz.add_subparsers(dest="zoo_command", required=True)
     zsub.add_parser("list", help="bundled checkpoints with their model-card metrics")
@@ -148,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--epochs", type=int, default=1)
     pv.add_argument("--batch-size", type=int, default=64)
     pv.add_argument("--lr", type=float, default=1e-3)
+    pv.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, metavar="FRACTION",
+                    help="fraction of the steps spent in linear warm-up before the cosine decay "
+                         f"(default {DEFAULT_WARMUP}; 0: none)")
+    pv.add_argument("--clip", type=float, default=DEFAULT_CLIP or 0.0, metavar="NORM",
+                    help=f"clip the gradient norm to NORM (default {DEFAULT_CLIP or 0.0}; 0: no clipping)")
     pv.add_argument("--max-steps", type=int, default=None)
     pv.add_argument("--image-size", type=int, default=32)
     pv.add_argument("--patch-size", type=int, default=4)
@@ -273,6 +293,22 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_digits(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    _seed(args.seed)
+    if not 8 <= args.size <= 1024:
+        raise CLIError(f"--size {args.size}: give 8 to 1024 pixels")
+    out = write_digits(args.out, size=args.size, n_test=args.test, seed=args.seed, resample=args.resample,
+                       force=args.force)
+    print(f"wrote the digits ({args.resample} upscaling to {args.size} px) to {out} in "
+          f"{time.perf_counter() - t0:.1f} s; train with `probe train vit --data {out} ...`")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    return cmd_data_digits(args) if args.dataset == "digits" else cmd_data_shapes(args)
+
+
 def cmd_train_vit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     _seed(args.seed)
@@ -284,6 +320,10 @@ def cmd_train_vit(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {v}: give a positive number")
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise CLIError(f"--lr {args.lr}: give a positive finite learning rate")
+    if not 0 <= args.warmup < 1:
+        raise CLIError(f"--warmup {args.warmup}: give the fraction of the steps, from 0 to below 1")
+    if not (math.isfinite(args.clip) and args.clip >= 0):
+        raise CLIError(f"--clip {args.clip}: give a positive gradient norm, or 0 for no clipping")
     if args.attention not in VIT_KINDS:
         raise CLIError(f"--attention {args.attention!r}: use one of {', '.join(VIT_KINDS)}")
     check_output(args.out, args.force)  # before any training
@@ -296,9 +336,11 @@ def cmd_train_vit(args: argparse.Namespace) -> int:
     config = {"image_size": args.image_size, "patch_size": args.patch_size, "dim": args.dim, "depth": args.depth,
               "heads": args.heads, "num_classes": len(train.classes), "labels": tuple(train.classes)}
     adapter = registry.load_model(name, weights="random", seed=args.seed, config=config, device=device)
+    clip = args.clip or None
     report = train_classifier(adapter, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, max_steps=args.max_steps)
+                              warmup=args.warmup, clip=clip, seed=args.seed, max_steps=args.max_steps)
     card = {"train": {"data": str(args.data), "epochs": args.epochs, "steps": report.steps, "seed": args.seed,
+                      "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "clip": clip,
                       "seconds": round(report.seconds, 2), "final_loss": report.losses[-1] if report.losses else None},
             "metrics": {"test_top1": report.top1, "test_top5": report.top5, "test_n": len(test)}}
     adapter.to("cpu").save(args.out, extra=card, force=args.force)
@@ -334,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()  # transformers resets its logger's level when it configures it
-    commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data_shapes,
+    commands = {"models": cmd_models, "runs": cmd_runs, "run": cmd_run, "zoo": cmd_zoo, "data": cmd_data,
                 "train": cmd_train_vit, "capture": cmd_capture}
     try:
         return commands[args.command](args)

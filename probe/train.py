@@ -116,15 +116,26 @@ def train_captioner(model: torch.nn.Module, pixel_values: torch.Tensor, input_id
     return losses
 
 
+#: `train_classifier`'s recipe (and `probe train vit`'s): warm-up fraction of the steps, gradient-norm
+#: clip. Chosen on the digits (`probe data digits`), standard attention, 15 epochs, lr 1e-3: against no
+#: warm-up and no clipping, top-1 96.7% against 94.2% (2 seeds, bicubic export), and 63.3% (59-66)
+#: against 60.2% (37-75) over 4 seeds on the harder nearest-neighbour export; the zoo's recipes
+#: (`probe.zoo`, `fit`'s defaults) also warm up and clip to 1.0.
+DEFAULT_WARMUP = 0.1
+DEFAULT_CLIP: float | None = 1.0
+
+
 @dataclass(frozen=True)
 class TrainReport:
-    """Metrics of a training run: losses per step, final test accuracies in [0, 1]."""
+    """Metrics of a training run: losses per step, final test accuracies in [0, 1], wall time
+    (`seconds`: training and test evaluation; `eval_seconds`: the evaluation alone)."""
 
     losses: list[float]
     top1: float
     top5: float
     steps: int
     seconds: float
+    eval_seconds: float = 0.0
 
 
 def _pixels(adapter: Any, images: np.ndarray) -> torch.Tensor:
@@ -147,14 +158,23 @@ def evaluate_classifier(adapter: Any, data: ImageDataset, batch_size: int = 128)
 
 
 def train_classifier(adapter: Any, train: ImageDataset, test: ImageDataset, *, epochs: int = 1,
-                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
+                     batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
+                     warmup: float = DEFAULT_WARMUP, clip: float | None = DEFAULT_CLIP, seed: int = 0,
                      max_steps: int | None = None, progress: bool = True) -> TrainReport:
-    """Train a classifier adapter with `fit` (cross-entropy), then measure test top-1 and top-5."""
+    """Train a classifier adapter with `fit` (cross-entropy), then measure test top-1 and top-5.
+
+    `warmup` is the fraction of the run's steps spent in linear warm-up (``round(warmup * steps)``
+    steps, then cosine decay); `clip` the gradient-norm limit (None: no clipping).
+    """
     n_out = adapter.forward({"pixel_values": _pixels(adapter, train.images[:1])}).shape[-1]
     if len(train.classes) > n_out:
         raise ValueError(f"data has {len(train.classes)} classes, the model's head has {n_out}")
     if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
         raise ValueError(f"epochs ({epochs}), batch size ({batch_size}) and max steps ({max_steps}) must be >= 1")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warm-up {warmup}: give the fraction of the steps, from 0 to below 1")
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"gradient clip {clip}: give a positive finite norm, or None for no clipping")
     torch.manual_seed(seed)
     per_epoch = math.ceil(len(train) / batch_size)
     steps = per_epoch * epochs if max_steps is None else min(max_steps, per_epoch * epochs)
@@ -168,9 +188,11 @@ def train_classifier(adapter: Any, train: ImageDataset, test: ImageDataset, *, e
         return F.cross_entropy(logits, torch.from_numpy(train.labels[idx]).to(logits.device))
 
     model.train()
-    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=weight_decay, warmup=0, clip=None,
-                 desc=f"train {adapter.name}", progress=progress)
+    losses = fit(list(model.parameters()), steps, loss_at, lr=lr, weight_decay=weight_decay,
+                 warmup=round(warmup * steps), clip=clip, desc=f"train {adapter.name}", progress=progress)
+    t_eval = time.perf_counter()
     top1, top5 = evaluate_classifier(adapter, test)
     model.eval()
+    t_end = time.perf_counter()
     log.info("trained %d steps: test top-1 %.3f, top-5 %.3f", steps, top1, top5)
-    return TrainReport(losses, top1, top5, steps, time.perf_counter() - t0)
+    return TrainReport(losses, top1, top5, steps, t_end - t0, t_end - t_eval)

@@ -295,14 +295,20 @@ class PerformerAttention(_Attention):
 
 def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of (..., m, m) by the iteration of Nyströmformer (Razavi et al.)."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    shape, m = a.shape, a.shape[-1]
+    a = a.reshape(-1, m, m)
+    eye = torch.eye(m, dtype=a.dtype, device=a.device).expand_as(a)
     col = a.abs().sum(dim=-2).amax(dim=-1, keepdim=True)
     row = a.abs().sum(dim=-1).amax(dim=-1, keepdim=True)
     z = a.transpose(-1, -2) / (col * row).unsqueeze(-1)
     for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+        # z <- 0.25 z (13 I - az (15 I - az (7 I - az))); each "c I - az @ t" is one baddbmm
+        az = torch.bmm(a, z)
+        t = torch.add(7 * eye, az, alpha=-1)
+        t = torch.baddbmm(eye, az, t, beta=15, alpha=-1)
+        t = torch.baddbmm(eye, az, t, beta=13, alpha=-1)
+        z = torch.bmm(z, t).mul_(0.25)
+    return z.reshape(shape)
 
 
 class NystromAttention(_Attention):
@@ -328,17 +334,48 @@ class NystromAttention(_Attention):
         return torch.matmul(self._averaging(t.shape[2], t, keep), t)
 
     def _scaled_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q / sqrt(d), k, v)``, each contiguous (batch, heads, n, head_dim), from one fused
-        projection with the scale folded into the query weights; only for plain, unobserved
-        `nn.Linear` projections (`observed`), whose calls it skips."""
+        """``(q / sqrt(d), k, v)``, each (batch, heads, n, head_dim), from one fused projection with
+        the scale folded into the query weights; only for plain, unobserved `nn.Linear` projections
+        (`observed`), whose calls it skips. They are strided views of the projection's output
+        (BLAS reads a head's rows at stride 3 * dim), which saves a 3 x n x dim copy per forward."""
         b, n, _ = x.shape
-        w = torch.cat([self.q_proj.weight * self.scale, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias * self.scale, self.k_proj.bias, self.v_proj.bias])
-        qkv = F.linear(x, w, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        w, bias = self._fused_qkv_weights()
+        qkv = F.linear(x, w, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def _fused_qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[Wq / sqrt(d); Wk; Wv]`` (3 dim, dim) and its bias. Built anew whenever autograd could
+        need them; otherwise kept until a projection's tensor is replaced or changed in place
+        (its storage or version counter moves), so eval forwards skip the concatenation."""
+        ps = (self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
+              self.v_proj.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in ps):
+            self._fused_cache = None
+            return (torch.cat([ps[0] * self.scale, ps[2], ps[4]]), torch.cat([ps[1] * self.scale, ps[3], ps[5]]))
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
+        cached = getattr(self, "_fused_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable later with or without autograd
+                cached = (key, torch.cat([ps[0] * self.scale, ps[2], ps[4]]),
+                          torch.cat([ps[1] * self.scale, ps[3], ps[5]]))
+            self._fused_cache = cached
+        return cached[1], cached[2]
+
     def _averaging(self, n: int, like: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """(m, n), or (b, 1, m, n) with `keep`: row s averages segment s (one matmul, not m means)."""
+        """(m, n), or (b, 1, m, n) with `keep`: row s averages segment s (one matmul, not m means).
+        Without `keep` the matrix depends only on n, dtype and device, and is kept for the next call."""
+        key = (n, self.m, like.dtype, like.device)
+        cached = getattr(self, "_averaging_cache", None)
+        if keep is None and cached is not None and cached[0] == key:
+            return cached[1]
+        if keep is not None:
+            return self._segment_means(n, like, keep)
+        with torch.inference_mode(False), torch.no_grad():  # usable later with or without autograd
+            avg = self._segment_means(n, like, None)
+        self._averaging_cache = (key, avg)
+        return avg
+
+    def _segment_means(self, n: int, like: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         m = min(self.m, n)  # never an empty segment
         ids = torch.arange(m, device=like.device)
         sizes = n // m + (ids < n % m).long()

@@ -145,6 +145,44 @@ def test_iterative_pinv_converges_to_inverse():
     torch.testing.assert_close(z, torch.linalg.inv(a), atol=1e-6, rtol=1e-6)
 
 
+def test_iterative_pinv_step_is_the_published_polynomial():
+    """One step of the baddbmm form equals z <- 0.25 z (13 I - az (15 I - az (7 I - az))), any batch shape."""
+    torch.manual_seed(7)
+    a = torch.softmax(torch.randn(2, 3, 5, 5) * 2, dim=-1).double()
+    eye = torch.eye(5, dtype=a.dtype)
+    z = a.transpose(-1, -2) / (a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1))[..., None, None]
+    for _ in range(2):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    torch.testing.assert_close(iterative_pinv(a, 2), z, atol=1e-12, rtol=1e-12)
+
+
+def test_nystrom_kept_weights_follow_in_place_changes_and_serve_autograd_after_inference_mode():
+    """The eval path keeps its fused q/k/v weights and landmark matrix between calls: they must be
+    rebuilt when a projection changes in place or is replaced, and tensors made under inference
+    mode must still serve a later forward that autograd records."""
+    torch.manual_seed(8)
+    att = NystromAttention(cfg()).eval()
+    x = torch.randn(2, N, 32)
+    with torch.inference_mode():
+        att(x)  # fills the caches inside inference mode
+    fresh = NystromAttention(cfg()).eval()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    att.load_state_dict(fresh.state_dict())  # copies in place: same storage, new versions
+    with torch.no_grad():
+        torch.testing.assert_close(att(x), fresh(x), atol=0, rtol=0)
+        att.v_proj.weight = torch.nn.Parameter(fresh.v_proj.weight * 2)  # a new tensor
+        fresh.v_proj.weight.mul_(2)
+        torch.testing.assert_close(att(x), fresh(x), atol=0, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    for p in att.parameters():
+        p.requires_grad_(False)
+    att(xg).sum().backward()  # frozen weights, gradient to the input: uses the kept tensors
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 def test_performer_error_falls_with_more_features():
     """FAVOR+ against exact softmax with queries/keys of a pinned scale, q_proj = k_proj = identity."""
     d, n = 16, 24

@@ -9,7 +9,15 @@ accuracy per kind and training budget, `bench/efficiency_accuracy.py`), the figu
 accuracy against latency and memory.
 
     python bench/efficiency.py [--rounds 7] [--threads 1] [--device cpu] [--dtype float32]
-                               [--tokens 65,257,1025,4097] [--no-readme]
+                               [--tokens 65,257,1025,4097] [--kinds all] [--no-readme]
+                               [--keep-freed-memory --out bench/results/efficiency_malloc.json]
+    python bench/efficiency.py --render-only     # README table and figure from the saved results
+
+`--keep-freed-memory` raises glibc's mmap and trim thresholds (`mallopt`) before anything runs, so
+freed buffers are reused instead of being returned to the kernel and faulted in again at the next
+forward: the effect of a caching allocator (jemalloc or tcmalloc, which PyTorch's CPU performance
+guide recommends) on every implementation alike. It changes the process, not probe: use it with
+`--out` elsewhere and `--no-readme` (implied).
 """
 
 from __future__ import annotations
@@ -42,21 +50,52 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokens", default="65,257,1025,4097")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--kinds", default="all")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table and figure")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc mallopt: keep freed memory for reuse (a caching allocator's effect); implies --no-readme")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: rewrite the README table and figure from --out (and the accuracy results)")
     args = ap.parse_args()
+    if args.render_only:
+        render(json.loads(args.out.read_text()))
+        return
+    if args.keep_freed_memory:
+        keep_freed_memory()
+        args.no_readme = True
     out = execute(RunSpec("efficiency", device=args.device, dtype=args.dtype, save=False,
-                          params={"rounds": args.rounds, "threads": args.threads, "tokens": args.tokens}))
-    data = {"benchmark": "efficiency", "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-            **out.result.to_dict()}
+                          params={"rounds": args.rounds, "threads": args.threads, "tokens": args.tokens,
+                                  "kinds": args.kinds}))
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+               "allocator": "glibc, mmap/trim thresholds raised" if args.keep_freed_memory else "glibc defaults"}
+    data = {"benchmark": "efficiency", "machine": machine, **out.result.to_dict()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     for line in out.lines:
         print(line)
     if not args.no_readme:
-        accuracy = json.loads(ACCURACY.read_text()) if ACCURACY.exists() else None
-        docs.write_readme_block(README, START, END, table(data, accuracy))
-        figure(data, accuracy).savefig(FIGURE, dpi=110, bbox_inches="tight")
+        render(data)
     print(f"wrote {args.out}")
+
+
+def render(data: dict) -> None:
+    """The README block and docs/efficiency.png from a results dict (and the accuracy results, if any)."""
+    accuracy = json.loads(ACCURACY.read_text()) if ACCURACY.exists() else None
+    docs.write_readme_block(README, START, END, table(data, accuracy))
+    figure(data, accuracy).savefig(FIGURE, dpi=110, bbox_inches="tight")
+
+
+def keep_freed_memory() -> None:
+    """Raise glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD so large freed blocks stay in the heap."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as e:
+        raise SystemExit(f"--keep-freed-memory needs glibc ({e})") from e
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)):
+        raise SystemExit("--keep-freed-memory: glibc refused mallopt")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -128,14 +167,21 @@ def accuracy_table(acc: dict) -> str:
              f"{st.get('image_size')} px, patch {st.get('patch_size')}, dim {st.get('dim')}, depth {st.get('depth')}, "
              f"{st.get('heads')} heads; AdamW lr {st.get('lr')}, warm-up {st.get('warmup')} of the steps, clip "
              f"{st.get('clip')}) per training budget, each budget its own run; mean over seeds (their count in "
-             "brackets). Regenerate with `python bench/efficiency_accuracy.py`.", "",
-             "| kind | " + " | ".join(f"{b} epochs" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+             "brackets); training seconds per epoch on 1 thread, median over runs, and its ratio to standard "
+             "attention taken inside each round. Regenerate with `python bench/efficiency_accuracy.py`.", "",
+             "| kind | s / epoch | x standard | " + " | ".join(f"{b} epochs" for b in budgets) + " |",
+             "|---|---:|---:|" + "---:|" * len(budgets)]
+    summary = acc.get("kinds", {})
     for k in kinds:
         cells = []
         for b in budgets:
             accs = [r["top1"] for r in runs if r["kind"] == k and r["epochs"] == b]
             cells.append(f"{100 * sum(accs) / len(accs):.1f}% ({len(accs)})" if accs else "")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        spe = (summary.get(k) or {}).get("seconds_per_epoch") or {}
+        ratio = (summary.get(k) or {}).get("time_ratio_to_standard") or {}
+        timing = [f"{spe['median']:.2f}" if "median" in spe else "",
+                  f"{ratio['median']:.2f}x" if "median" in ratio else ""]
+        lines.append(f"| {k} | " + " | ".join(timing + cells) + " |")
     return "\n".join(lines)
 
 

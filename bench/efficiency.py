@@ -28,6 +28,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from probe import docs
@@ -210,15 +211,21 @@ def figure(data: dict, accuracy: dict | None) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     if accuracy:
+        # each kind a line through its budgets: mean top-1 against the budget's training time
+        # (epochs x the kind's median seconds per epoch), so speed of learning and cost show together
         runs = _accuracy_runs(accuracy)
-        best = max(r["epochs"] for r in runs)
         per_epoch = {k: v.get("seconds_per_epoch", {}).get("median") for k, v in accuracy.get("kinds", {}).items()}
         for i, kind in enumerate(kinds):
-            accs = [r["top1"] for r in runs if r["kind"] == kind and r["epochs"] == best]
-            if accs and per_epoch.get(kind):
-                axes[2].scatter(per_epoch[kind], 100 * sum(accs) / len(accs), color=f"C{i}", label=kind)
-        axes[2].set(xlabel="training time per epoch on digits (s, 65 tokens)",
-                    ylabel=f"digits top-1 at {best} epochs (%)", title="accuracy against cost (digits ViT)")
+            if not per_epoch.get(kind):
+                continue
+            budgets = sorted({r["epochs"] for r in runs if r["kind"] == kind})
+            xs = [e * per_epoch[kind] for e in budgets]
+            ys = [100 * float(np.mean([r["top1"] for r in runs if r["kind"] == kind and r["epochs"] == e]))
+                  for e in budgets]
+            if xs:
+                axes[2].plot(xs, ys, marker="o", color=f"C{i}", label=kind)
+        axes[2].set(xlabel="training time on digits (s, 1 thread, 65 tokens)", ylabel="digits test top-1 (%)",
+                    title="accuracy against training cost (digits ViT)")
         axes[2].grid(alpha=0.3)
         axes[2].legend(fontsize=6)
     fig.tight_layout()

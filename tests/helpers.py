@@ -10,6 +10,15 @@ from torch import nn
 
 from probe.types import HookSpec
 
+#: load_model kwargs of tiny prefix-vlm and mmca models (2 decoder layers, 1 vision layer, width 32)
+SMALL_OWN_CAPTIONERS = {
+    "prefix-vlm": {"config": {"decoder": {"d_model": 32, "depth": 2, "heads": 2},
+                              "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "intermediate_size": 64, "image_size": 32, "patch_size": 8}}},
+    "mmca": {"config": {"dim": 32, "depth": 2, "heads": 2,
+                        "vision": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2}}},
+}
+
 
 class ModuleHooks:
     """Exposes one attention module as ``vision.blocks.0.attn.pattern`` (and its z hook)."""

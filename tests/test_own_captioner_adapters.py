@@ -10,14 +10,7 @@ from probe.capture import Precomputed, capture, intervene, record_outputs
 from probe.data.shapes import iter_split
 from probe.registry import load_model
 from probe.weights import CheckpointError, WeightsNotFound
-
-SMALL = {
-    "prefix-vlm": {"config": {"decoder": {"d_model": 32, "depth": 2, "heads": 2},
-                              "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                         "intermediate_size": 64, "image_size": 32, "patch_size": 8}}},
-    "mmca": {"config": {"dim": 32, "depth": 2, "heads": 2,
-                        "vision": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2}}},
-}
+from tests.helpers import SMALL_OWN_CAPTIONERS as SMALL
 
 
 @pytest.fixture(params=["prefix-vlm", "mmca"])

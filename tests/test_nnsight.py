@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import probe
-from probe.capture import Patch, ZeroHeads, envoys
+from probe.capture import MaskTokens, Patch, ZeroHeads, envoys
 from probe.docs import readme_block
 from probe.types import ProbeError, layer_of
 
@@ -240,6 +240,25 @@ def test_generation_iter_equals_intervene_around_caption():
         want = adapter.caption_pixels(px, n, min_new_tokens=n)
     assert torch.equal(got["ids"], want["ids"]) and got["text"] == want["text"]
     assert got["ids"].shape == (3, n)
+
+
+@pytest.mark.parametrize("name", ["blip", "vit-gpt2"])
+def test_mask_tokens_on_cross_attention_under_nnsight_equals_without(name):
+    """Once `adapter.nnsight()` has wrapped the modules, probe's own interventions still route key
+    masks through the transformers attention modules (it once bound the wrapper's signature)."""
+    adapter, _ = _loaded(name)
+    batch = _batch(adapter)
+    plain = probe.load_model(name, weights="demo")
+    xattn = next(s.name for s in adapter.hook_specs() if s.name.endswith("xattn.pattern"))
+    mask = [MaskTokens([1, 2, 3], attention=xattn)]
+    with torch.no_grad():
+        with probe.intervene(adapter, mask):
+            got = _out(adapter.forward(batch))
+        with probe.intervene(plain, mask):
+            want = _out(plain.forward(batch))
+        free = _out(plain.forward(batch))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(got, free)
 
 
 # ------------------------------------------------------------------ errors and side effects

@@ -542,7 +542,10 @@ def route_key_masks(module: nn.Module, mask_arg: str, mask_base: str | None, out
     """
     import inspect
 
-    sig = inspect.signature(module.forward)
+    # the class's forward, not the instance attribute: nnsight replaces `module.forward` on the
+    # instance with an unbound callable whose signature starts with the module itself
+    sig = inspect.signature(type(module).forward)
+    sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # drop self
     for arg in {mask_arg, mask_base or mask_arg}:
         if arg not in sig.parameters:
             raise TypeError(f"{type(module).__name__}.forward has no argument {arg!r} to route a key mask through")

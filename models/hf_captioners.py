@@ -150,9 +150,11 @@ class HFTextRun(TextRun):
         self._kv = {k: v[0] for k, v in kv.items()}
 
     def _rows(self, value: Any, images: torch.Tensor) -> Any:
-        """A recorded block argument for rows reading `images`: batch-first tensors gathered."""
+        """A recorded block argument for rows reading `images`: batch-first tensors gathered. A tensor
+        counts as batch-first when it has two or more dims and n rows; 1-D arguments (positions such
+        as `cache_position`, whose length can equal the image count) are passed as recorded."""
         if isinstance(value, torch.Tensor):
-            return value[images.to(value.device)] if value.dim() and value.shape[0] == self.n else value
+            return value[images.to(value.device)] if value.dim() >= 2 and value.shape[0] == self.n else value
         if isinstance(value, tuple | list):
             return type(value)(self._rows(v, images) for v in value)
         return value

@@ -208,6 +208,24 @@ def test_text_run_resumed_block_by_block_is_the_whole_forward(name, adapters, in
 
 
 @pytest.mark.parametrize("name", list(TINY))
+def test_recorded_block_arguments_gathered_per_row_only_when_batch_first(name, adapters, inputs):
+    """A 1-D recorded argument whose length happens to equal the image count (a position vector
+    such as `cache_position` when the caption is as long as the batch) is passed as recorded;
+    tensors of two or more dims with one row per image are gathered for the rows."""
+    a = adapters[name]
+    px, _, ids, mask = inputs[name]
+    with torch.no_grad():
+        run = a.text_run(px, ids, mask)
+    rows = torch.tensor([2, 2, 0, 1])
+    positions = torch.arange(run.n)
+    assert run._rows(positions, rows) is positions
+    per_image = torch.arange(run.n * 5).view(run.n, 5)
+    assert torch.equal(run._rows((per_image, None), rows)[0], per_image[rows])
+    shared = torch.zeros(1, 5)
+    assert run._rows(shared, rows) is shared
+
+
+@pytest.mark.parametrize("name", list(TINY))
 def test_shared_image_kv_refuses_a_batch_it_was_not_built_for(name, adapters, inputs):
     a = adapters[name]
     px, _, ids, mask = inputs[name]

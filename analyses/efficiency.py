@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from probe.analysis import Analysis, Bench, ParamError, param
-from probe.models.attention import ATTENTION_KINDS, AttentionConfig, make_attention
+from probe.models.attention import ATTENTION_KINDS, AttentionConfig, HybridAttention, make_attention
 from probe.models.vit import ViT, ViTConfig
 from probe.registry import register_analysis
 from probe.runs.results import Result
@@ -102,7 +102,8 @@ def closed_form_flops(kind: str, cfg: AttentionConfig, batch: int = 1) -> int:
     """Matmul FLOPs (2 per multiply-add) of one forward of `kind` as `probe.models.attention`
     computes it, (batch, n, dim) -> (batch, n, dim). Elementwise work is not counted (as
     FlopCounterMode does not): the hybrid's banded window scores and sums, ``4 P K d`` per head,
-    are such work."""
+    are such work (above `HybridAttention.dense_max_tokens`; below it the local branch is a dense
+    masked softmax, counted as matmuls)."""
     n, D, h = cfg.seq_len, cfg.dim, cfg.heads
     d = D // h
     proj = 8 * n * D * D  # q, k, v and out
@@ -126,9 +127,11 @@ def closed_form_flops(kind: str, cfg: AttentionConfig, batch: int = 1) -> int:
     elif kind == "hybrid":
         pre = cfg.prefix_tokens
         patches = n - pre
-        # prefix rows over every key (scores + values); patch rows against the prefix keys (scores +
-        # values); global linear attention phi(K)^T V, phi(Q) (that), the denominator
-        f = proj + 4 * pre * n * D + 4 * patches * pre * D + 4 * n * d * D + 2 * n * D
+        glob = 4 * n * d * D + 2 * n * D  # global linear attention phi(K)^T V, phi(Q) (that), the denominator
+        if n <= HybridAttention.dense_max_tokens:  # short sequences: a dense masked softmax, scores + values
+            f = proj + 4 * n * n * D + glob
+        else:  # prefix rows over every key; patch rows against the prefix keys (scores + values)
+            f = proj + 4 * pre * n * D + 4 * patches * pre * D + glob
     else:
         raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(ATTENTION_KINDS)}")
     return batch * f

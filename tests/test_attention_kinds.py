@@ -11,6 +11,7 @@ from probe.capture import MaskTokens, capture, intervene
 from probe.models.attention import (
     ATTENTION_KINDS,
     AttentionConfig,
+    HybridAttention,
     LinformerAttention,
     MergedQKVAttention,
     NystromAttention,
@@ -297,6 +298,38 @@ def test_hybrid_banded_local_branch_equals_the_dense_mask(grid, window, dilation
             torch.testing.assert_close(dense.sum(-1), torch.ones(dense.shape[:-1]))
     rows, _ = dilated_window_neighbours(grid, 1, window, dilation)
     assert rows.shape == (grid[0] * grid[1], 1 + (2 * window + 1) ** 2)
+
+
+@pytest.mark.parametrize("grid,window,dilation", [((6, 6), 1, 2), ((5, 7), 2, 1)])
+def test_hybrid_dense_short_path_equals_the_band(grid, window, dilation):
+    """Short sequences run the local branch as a dense masked softmax (`dense_max_tokens`): outputs,
+    captured effective rows and input gradients equal the banded path's, with no mask, removed keys,
+    CLS removed and a query left without window keys."""
+    torch.manual_seed(5)
+    n = 1 + grid[0] * grid[1]
+    c = AttentionConfig(dim=32, heads=4, seq_len=n, grid=grid, hybrid_window=window, hybrid_dilation=dilation)
+    m = make_attention("hybrid", c).eval()
+    hooks = ModuleHooks(m, 4)
+    x = torch.randn(2, n, 32)
+    centre = 1 + 2 * grid[1] + 2
+    masks = [None, [3, 5, 11], [0], m.allowed[centre][None].expand(2, -1)]
+
+    def run(dense_max: int, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m.dense_max_tokens = dense_max
+        xg = x.clone().requires_grad_(True)
+        edits = [] if mask is None else [MaskTokens(mask)]
+        with intervene(hooks, edits), capture(hooks, "*.pattern", rows=[0, centre, n - 1]) as cache:
+            out = m(xg)
+        out.square().sum().backward()
+        return out.detach(), cache["vision.blocks.0.attn.pattern"], xg.grad
+
+    assert n <= HybridAttention.dense_max_tokens
+    for mask in masks:
+        dense, band = run(HybridAttention.dense_max_tokens, mask), run(0, mask)
+        for a, b in zip(dense, band, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        if isinstance(mask, torch.Tensor):  # the centre query has no window key left
+            assert torch.allclose(dense[1][:, :, 1].sum(-1), 1 - torch.sigmoid(m.gate).detach().expand(2, 4))
 
 
 def test_hybrid_query_left_without_keys_reads_nothing_and_row_selection_is_exact():
